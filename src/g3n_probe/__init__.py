@@ -1,0 +1,28 @@
+"""g3n_probe: Gemma 3n (E2B/E4B) as a first-class subject for mechanistic interpretability.
+
+    import g3n_probe as g3n
+    model = g3n.load("path/to/gemma-3n-E2B")          # text-only, stock transformers model
+    with model.trace("The Eiffel Tower is in"):
+        predicted = model.layers[3].altup_predict.output.save()   # [S,B,T,D]
+        model.layers[5].ple_out.output[:] = 0                     # remove layer 5's PLE contribution
+        logits = model.logits.output.save()
+"""
+
+from . import synthetic
+from .loading import CheckpointError, LoadReport
+from .points import POINTS, HookPoint, Point, PointWriteError
+from .probe import Gemma3nProbe, load
+from .towers import TowerNotLoadedError
+
+__all__ = [
+    "POINTS",
+    "CheckpointError",
+    "Gemma3nProbe",
+    "HookPoint",
+    "LoadReport",
+    "Point",
+    "PointWriteError",
+    "TowerNotLoadedError",
+    "load",
+    "synthetic",
+]

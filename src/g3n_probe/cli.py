@@ -1,0 +1,222 @@
+"""``g3n-probe``: info, points, demo (and the benchmark and audit entry points).
+
+    g3n-probe info [SOURCE]        config, components (stored vs loaded), layers
+    g3n-probe points [SOURCE]      the intervention-point table with this checkpoint's shapes
+    g3n-probe demo [--model SRC]   trace a code prompt, logit lens through the AltUp merge, ablations
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+
+def _make_console() -> Console:
+    # Wide tables stay readable in logs and notebooks, where there is no terminal width to fit.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+console = _make_console()
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 1024**3:.3f} GiB" if nbytes >= 1024**3 / 100 else f"{nbytes / 1024**2:.2f} MiB"
+
+
+def _component_of(key: str) -> str:
+    if key.startswith("model.vision_tower."):
+        return "vision tower"
+    if key.startswith("model.audio_tower."):
+        return "audio tower"
+    if key == "model.language_model.embed_tokens_per_layer.weight":
+        return "per-layer table"
+    if key == "model.language_model.embed_tokens.weight":
+        return "embed_tokens"
+    if key.startswith(("model.embed_vision.", "model.embed_audio.")):
+        return "multimodal embedders"
+    return "text decoder"
+
+
+_COMPONENTS = ("text decoder", "embed_tokens", "per-layer table", "multimodal embedders", "vision tower", "audio tower")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
+    """Parameters and bytes per component as stored, from the safetensors headers (no tensor data)."""
+    from safetensors import safe_open
+
+    from .loading import weight_map
+
+    mapping = weight_map(directory)
+    result = {c: {"params": 0, "bytes": 0, "absent": 0} for c in _COMPONENTS}
+    by_file: dict[str, list[str]] = {}
+    for key, filename in mapping.items():
+        by_file.setdefault(filename, []).append(key)
+    for filename, keys in by_file.items():
+        path = directory / filename
+        if not path.exists():
+            for key in keys:
+                result[_component_of(key)]["absent"] += 1
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for key in keys:
+                piece = handle.get_slice(key)
+                numel = math.prod(piece.get_shape())
+                entry = result[_component_of(key)]
+                entry["params"] += numel
+                entry["bytes"] += numel * _DTYPE_BYTES.get(piece.get_dtype(), 4)
+    return result
+
+
+def loaded_components(config: Any, dtype_bytes: int) -> dict[str, dict[str, int]]:
+    """What `g3n.load` allocates per component (built on the meta device: no weights touched)."""
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    from .towers import tower_stubs
+
+    with tower_stubs(), torch.device("meta"):
+        skeleton = Gemma3nForConditionalGeneration(config)
+    result = {c: {"params": 0, "bytes": 0} for c in _COMPONENTS}
+    for name, param in skeleton.named_parameters():
+        if name == "lm_head.weight":
+            continue  # tied to embed_tokens
+        entry = result[_component_of(name)]
+        entry["params"] += param.numel()
+        entry["bytes"] += param.numel() * dtype_bytes
+    return result
+
+
+def layer_rows(config: Any) -> list[dict[str, Any]]:
+    text = config.get_text_config()
+    modes = text.kv_sharing_modes
+    rows = []
+    for i in range(text.num_hidden_layers):
+        kind = text.layer_types[i]
+        source = None
+        if modes[i] == "reuse":
+            source = max(j for j in range(i) if modes[j] == "store" and text.layer_types[j] == kind)
+        rows.append({
+            "layer": i, "attention": kind.replace("_attention", ""),
+            "kv": modes[i] or "own", "kv_source": source,
+            "sparsity": text.activation_sparsity_pattern[i], "ffn": text.intermediate_size[i],
+        })
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .loading import read_config, resolve_source
+
+    directory = resolve_source(args.source)
+    config = read_config(directory)
+    text = config.get_text_config()
+    summary = Table(title=f"Gemma 3n checkpoint: {directory}", show_header=False)
+    for label, value in [
+        ("layers", text.num_hidden_layers), ("hidden size D", text.hidden_size),
+        ("AltUp streams S", text.altup_num_inputs), ("per-layer input width P", text.hidden_size_per_layer_input),
+        ("heads / kv heads / head dim", f"{text.num_attention_heads} / {text.num_key_value_heads} / {text.head_dim}"),
+        ("vocabulary", f"{text.vocab_size} ({text.vocab_size_per_layer_input} text, then vision and audio soft tokens)"),
+        ("sliding window", text.sliding_window), ("KV-shared layers", text.num_kv_shared_layers),
+        ("LAuReL rank", text.laurel_rank), ("final logit soft cap", text.final_logit_softcapping),
+        ("AltUp coefficient clip", text.altup_coef_clip),
+    ]:
+        summary.add_row(label, str(value))
+    console.print(summary)
+
+    stored = stored_components(directory)
+    loaded = loaded_components(config, 4 if args.dtype == "float32" else 2)
+    components = Table(title=f"Components (loaded = what g3n.load allocates, {args.dtype})")
+    for column in ("component", "stored params", "stored bytes", "loaded params", "loaded bytes"):
+        components.add_column(column, justify="right" if column != "component" else "left")
+    for name in _COMPONENTS:
+        s, l = stored[name], loaded[name]
+        note = f" ({s['absent']} tensors' shards absent)" if s["absent"] else ""
+        components.add_row(name, f"{s['params']:,}{note}", _gib(s["bytes"]), f"{l['params']:,}", _gib(l["bytes"]))
+    console.print(components)
+
+    layers = Table(title="Layers")
+    for column in ("layer", "attention", "KV", "reads K/V of", "sparsity", "FFN width"):
+        layers.add_column(column)
+    for row in layer_rows(config):
+        layers.add_row(str(row["layer"]), row["attention"], row["kv"],
+                       "" if row["kv_source"] is None else str(row["kv_source"]),
+                       f"{row['sparsity']:.2f}" if row["sparsity"] else "dense", str(row["ffn"]))
+    console.print(layers)
+    return 0
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    from .loading import read_config, resolve_source
+    from .points import POINTS, concrete_shape
+
+    config = read_config(resolve_source(args.source)) if args.source or not args.symbolic else None
+    table = Table(title="Intervention points (inside one trace, access them in this order)")
+    for column in ("where", "name", "shape", "value", "produced at", "writable"):
+        table.add_column(column)
+    for point in POINTS:
+        where = "model.layers[i]" if point.scope == "layer" else "model"
+        shape = point.shape
+        if config is not None:
+            shape = f"{point.shape} = {list(concrete_shape(point, config, args.batch, args.tokens))}"
+        note = " (eager attention only)" if point.needs == "eager" else ""
+        table.add_row(where, point.name, shape, point.meaning + note, point.produced, "yes" if point.writable else "no")
+    console.print(table)
+    if config is not None:
+        rows = layer_rows(config)
+        reuse = [f"{r['layer']}←{r['kv_source']}" for r in rows if r["kv_source"] is not None]
+        if reuse:
+            console.print(f"KV sharing (layer←layer whose K/V it reads): {', '.join(reuse)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model, out=Path(args.out), prompt=args.prompt, console=console)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = argparse.ArgumentParser(prog="g3n-probe", description="Gemma 3n interpretability, text-only, exact.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="config, components (stored vs loaded) and layers of a checkpoint")
+    info.add_argument("source", nargs="?", default=None, help="checkpoint directory or cached hub id (default: bundled)")
+    info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    info.set_defaults(func=cmd_info)
+
+    points = sub.add_parser("points", help="the intervention-point table, with concrete shapes")
+    points.add_argument("source", nargs="?", default=None)
+    points.add_argument("--batch", type=int, default=1)
+    points.add_argument("--tokens", type=int, default=8)
+    points.add_argument("--symbolic", action="store_true", help="symbolic shapes only, no checkpoint")
+    points.set_defaults(func=cmd_points)
+
+    demo = sub.add_parser("demo", help="trace a code prompt: logit lens through AltUp, PLE and AltUp ablations")
+    demo.add_argument("--model", default=None, help="checkpoint directory or cached hub id (default: bundled)")
+    demo.add_argument("--prompt", default=None)
+    demo.add_argument("--out", default="g3n_probe_demo.png", help="where to save the plot")
+    demo.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    global console
+    console = _make_console()
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

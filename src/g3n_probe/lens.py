@@ -1,0 +1,63 @@
+"""The exact Gemma 3n readout, usable on any layer's stream stack (a logit lens through AltUp).
+
+Gemma 3n does not read logits off one residual stream. After the last layer, streams 1..S-1 pass
+through ``altup_unembed_projections``, each is rescaled to stream 0's RMS, the S streams are
+averaged, and only then come the final norm, ``lm_head`` and the soft cap. A lens that reads
+stream 0 alone (what a generic logit lens does) skips the merge and is silently wrong; `readout`
+applies the model's own modules in the model's own order, and on the last layer's output it
+reproduces the model's logits bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _merge_streams(language_model: Any, stack: torch.Tensor) -> torch.Tensor:
+    """[S,B,T,D] -> [B,T,D] exactly as ``Gemma3nTextModel.forward`` merges after its last layer."""
+    target_magnitude = torch.mean(stack[0] ** 2, dim=-1, keepdim=True) ** 0.5
+    streams = [stack[0]]
+    for i in range(1, stack.shape[0]):
+        projected = language_model.altup_unembed_projections[i - 1](stack[i]).to(dtype=stack.dtype)
+        magnitude = torch.sqrt(torch.mean(projected**2, dim=-1, keepdim=True).clamp(min=1e-5))
+        streams.append(projected * target_magnitude / magnitude)
+    return torch.mean(torch.stack(streams), dim=0)
+
+
+def readout(model: Any, x: torch.Tensor, text_only: bool = False) -> torch.Tensor:
+    """Logits for a stream stack [S,B,T,D] (merged as the model merges) or one stream [B,T,D]
+    (read alone: final norm, lm_head, soft cap — no merge).
+
+    ``model`` is the transformers ``Gemma3nForConditionalGeneration``. With ``text_only`` the ids
+    that are not text (vision and audio soft tokens) are set to -inf, so top-k readouts only name
+    text tokens.
+    """
+    language_model = model.model.language_model
+    text = model.config.get_text_config()
+    if x.dim() == 4:
+        if x.shape[0] != text.altup_num_inputs:
+            raise ValueError(f"a stream stack is [S={text.altup_num_inputs},B,T,D]; got {tuple(x.shape)}")
+        hidden = _merge_streams(language_model, x)
+    elif x.dim() == 3:
+        hidden = x
+    else:
+        raise ValueError(f"lens takes a stack [S,B,T,D] or one stream [B,T,D]; got shape {tuple(x.shape)}")
+    if hidden.shape[-1] != text.hidden_size:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the model's {text.hidden_size}")
+    logits = model.lm_head(language_model.norm(hidden))
+    cap = text.final_logit_softcapping
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    if text_only:
+        logits = logits.masked_fill(~text_vocabulary_mask(model, logits.device), float("-inf"))
+    return logits
+
+
+def text_vocabulary_mask(model: Any, device: torch.device | None = None) -> torch.Tensor:
+    """True for ids that are text tokens (below the vision soft-token range)."""
+    text = model.config.get_text_config()
+    mask = torch.zeros(text.vocab_size, dtype=torch.bool, device=device)
+    mask[: text.vocab_size_per_layer_input] = True
+    return mask

@@ -1,0 +1,287 @@
+"""Text-only loading of the stock ``Gemma3nForConditionalGeneration``.
+
+What runs is transformers' own class. This module only decides *what it is given*:
+
+1. the checkpoint is found (a directory, or a hub id already in the local Hugging Face cache) and
+   checked: a Gemma 3n config, safetensors only (pickle files are refused, never opened), every
+   text tensor present with the shape the config implies;
+2. the model is constructed with `towers.tower_stubs` active, so no tower parameter exists;
+3. only text-path tensors (``model.language_model.*``, ``model.embed_vision.*``,
+   ``model.embed_audio.*``) are handed to the stock ``from_pretrained`` as lazy safetensors slices,
+   so no tower byte is read. The k/v tensors real checkpoints still carry for KV-shared layers are
+   skipped (transformers ignores them by design); any other stray or missing key is an error.
+
+`load_text_model` returns the plain transformers model and a `LoadReport`; `g3n_probe.load`
+wraps it in the nnsight probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .towers import TOWERS, TowerStub, tower_stubs
+
+TEXT_PREFIXES = ("model.language_model.", "model.embed_vision.", "model.embed_audio.")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_KV_SHARED_KEY = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, corrupt, not Gemma 3n, or does not match its config."""
+
+
+@dataclass
+class LoadReport:
+    """What a load read, for `g3n-probe info`, the benchmarks and the tests."""
+
+    source: Path
+    tensors_read: int = 0
+    bytes_read: int = 0
+    files_opened: list[str] = field(default_factory=list)
+    skipped_kv_shared: list[str] = field(default_factory=list)
+    tower_tensors_in_checkpoint: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_source(source: str | os.PathLike | None) -> Path:
+    """A local checkpoint directory for ``source``: a path, or a hub id found in the local HF cache."""
+    if source is None:
+        from .synthetic import default_checkpoint
+
+        return default_checkpoint()
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; a Gemma 3n checkpoint is a directory with config.json")
+        return path
+    text = str(source)
+    looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", text) is not None and not text.startswith((".", "/"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception as error:  # noqa: BLE001 - every failure here means "not in the cache"
+        raise FileNotFoundError(
+            f"{text!r} is neither a local directory nor a model in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); g3n_probe never downloads. Download it first "
+            f"(huggingface-cli download {text}) or pass a local directory. ({type(error).__name__})"
+        ) from None
+
+
+def read_config(directory: Path):
+    """The checkpoint's ``Gemma3nConfig``; a clear error for anything that is not Gemma 3n."""
+    from transformers import Gemma3nConfig
+
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != "gemma3n":
+        raise CheckpointError(
+            f"{config_file} describes model_type={model_type!r}, not a Gemma 3n checkpoint "
+            "(model_type 'gemma3n', Gemma3nForConditionalGeneration)"
+        )
+    text = raw.get("text_config") or {}
+    if "altup_num_inputs" not in text and "hidden_size_per_layer_input" not in text:
+        raise CheckpointError(f"{config_file} has no AltUp/per-layer-embedding settings: not a Gemma 3n checkpoint")
+    return Gemma3nConfig.from_pretrained(directory)
+
+
+def weight_map(directory: Path) -> dict[str, str]:
+    """Checkpoint key -> safetensors file name; pickle checkpoints are refused without being opened."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from None
+        return dict(mapping)
+    single = directory / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with _open(single) as handle:
+            return {key: single.name for key in handle.keys()}
+    pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}); g3n_probe never unpickles. "
+            "Convert them to safetensors first (for example with transformers' save_pretrained "
+            "in a trusted environment)."
+        )
+    raise CheckpointError(f"{directory} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
+
+
+def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {error}") from None
+
+
+def _is_text_key(key: str) -> bool:
+    return key.startswith(TEXT_PREFIXES)
+
+
+def expected_text_shapes(config) -> dict[str, torch.Size]:
+    """The text-path tensors a checkpoint of ``config`` must hold (built on the meta device)."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    with tower_stubs(), torch.device("meta"):
+        skeleton = Gemma3nForConditionalGeneration(config)
+    return {k: v.shape for k, v in skeleton.state_dict().items() if _is_text_key(k)}
+
+
+def _kv_shared_layers(config) -> set[int]:
+    return {i for i, mode in enumerate(config.text_config.kv_sharing_modes) if mode == "reuse"}
+
+
+class _CountingHandle:
+    """A safetensors handle that counts the tensors and bytes actually requested from it."""
+
+    def __init__(self, handle: Any, report: LoadReport) -> None:
+        self._handle = handle
+        self._report = report
+
+    def slice(self, key: str) -> Any:
+        piece = self._handle.get_slice(key)
+        self._report.tensors_read += 1
+        shape = piece.get_shape()
+        itemsize = _DTYPE_SIZES.get(piece.get_dtype(), 4)
+        numel = 1
+        for size in shape:
+            numel *= size
+        self._report.bytes_read += numel * itemsize
+        return piece
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def load_text_model(
+    source: str | os.PathLike | None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, LoadReport]:
+    """Build the stock ``Gemma3nForConditionalGeneration`` text-only from a safetensors checkpoint."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    directory = resolve_source(source)
+    config = read_config(directory)
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = _resolve_dtype(dtype, device)
+    mapping = weight_map(directory)
+    report = LoadReport(source=directory)
+
+    kv_shared = _kv_shared_layers(config)
+    text_keys = {}
+    for key, filename in mapping.items():
+        if not _is_text_key(key):
+            continue
+        match = _KV_SHARED_KEY.match(key)
+        if match and int(match.group(1)) in kv_shared:
+            report.skipped_kv_shared.append(key)
+            continue
+        text_keys[key] = filename
+    tower_files = {kind: {k: f for k, f in mapping.items() if k.startswith(prefix)} for kind, prefix in TOWERS.items()}
+    report.tower_tensors_in_checkpoint = {kind: len(v) for kind, v in tower_files.items()}
+    stray = sorted(k for k in mapping if not _is_text_key(k) and not k.startswith(tuple(TOWERS.values())))
+    stray = [k for k in stray if k != "lm_head.weight"]
+
+    expected = expected_text_shapes(config)
+    missing = sorted(set(expected) - set(text_keys))
+    unexpected = sorted(set(text_keys) - set(expected)) + stray
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory} does not match its Gemma 3n config: "
+            + (f"missing {len(missing)} tensor(s): {', '.join(missing[:20])}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:20])}" if unexpected else "")
+        )
+
+    state: dict[str, Any] = {}
+    handles = []
+    try:
+        by_file: dict[str, list[str]] = {}
+        for key, filename in text_keys.items():
+            by_file.setdefault(filename, []).append(key)
+        for filename, keys in by_file.items():
+            path = directory / filename
+            if not path.exists():
+                raise CheckpointError(f"{path} is missing; it holds text tensors such as {keys[0]}")
+            handle = _open(path)
+            handles.append(handle)
+            report.files_opened.append(filename)
+            present = set(handle.keys())
+            counting = _CountingHandle(handle, report)
+            for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"{path} does not contain {key}, although the index says it does")
+                piece = counting.slice(key)
+                if tuple(piece.get_shape()) != tuple(expected[key]):
+                    raise CheckpointError(
+                        f"{key} in {filename} has shape {list(piece.get_shape())}; the config implies {list(expected[key])}"
+                    )
+                state[key] = piece
+        with tower_stubs():
+            model, info = Gemma3nForConditionalGeneration.from_pretrained(
+                None,
+                config=config,
+                state_dict=state,
+                dtype=dtype,
+                device_map=device,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+            )
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors raises its own types when data is truncated
+        if "safetensor" in type(error).__module__.lower() or "safetensor" in str(error).lower():
+            raise CheckpointError(f"{directory}: a safetensors shard is corrupt or truncated: {error}") from None
+        raise
+    finally:
+        state.clear()
+        for handle in handles:
+            handle.__exit__(None, None, None)
+    leftover = [k for k in info.get("missing_keys", []) if k != "lm_head.weight"]
+    if leftover:  # the pre-check above should make this unreachable
+        raise CheckpointError(f"transformers left tensors uninitialised: {leftover[:20]}")
+
+    for kind, files in tower_files.items():
+        stub = getattr(model.model, f"{kind}_tower")
+        if isinstance(stub, TowerStub):
+            stub.checkpoint_dir = directory
+            stub.tensor_files = files
+    model.eval()
+    return model, report
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return resolved
+    return dtype

@@ -1,0 +1,266 @@
+"""``Gemma3nProbe``: nnsight's ``TransformersModel`` for a text-only, point-injected Gemma 3n.
+
+A thin subclass in the manner of nnterp's ``StandardizedTransformer``: it adds accessors
+(``model.layers``, the model-level points, ``model.points``), input validation, a batcher that
+knows stream stacks carry their batch on dimension 1, and clear errors for the two things Gemma 3n
+makes easy to get wrong (an ``attn_pattern`` under sdpa, skipping a KV 'store' layer). Tracing,
+invokes, generation, sessions, caching and gradients are nnsight's own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from nnsight.intervention.batching import Batcher, SkipParts
+from nnsight.intervention.envoy import Envoy, traceable
+from nnsight.modeling.transformers import TransformersModel
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .points import POINTS, HookPoint, PointWriteError, batch_dim, mark_stack
+
+
+class StreamBatcher(Batcher):
+    """nnsight's batcher, narrowing and widening stream stacks on their batch axis (dimension 1).
+
+    nnsight slices every served tensor on dimension 0. For an [S,B,T,D] stack that is the stream
+    axis: with two invokes a stack would come back unscoped, and with four (B == S) each invoke would
+    silently get one *stream* of everyone's rows. Stacks are marked by the points (`mark_stack`).
+    """
+
+    def _narrow_tensor(self, tensor: torch.Tensor, group: list) -> torch.Tensor:
+        dim = batch_dim(tensor)
+        if dim == 0:
+            return super()._narrow_tensor(tensor, group)
+        start, size = group
+        if tensor.dim() <= dim or tensor.shape[dim] != self.total:
+            return tensor
+        view = tensor.narrow(dim, start, size)
+        view._nnsight_batch = True
+        return mark_stack(view)
+
+    def _widen_tensor(self, full: torch.Tensor, group: list, edited: torch.Tensor) -> torch.Tensor:
+        dim = batch_dim(full)
+        if full.dim() <= dim or full.shape[dim] != self.total:
+            return edited
+        start, size = group
+        expected = list(full.shape)
+        expected[dim] = size
+        if not isinstance(edited, torch.Tensor) or list(edited.shape) != expected:
+            got = tuple(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__
+            raise PointWriteError(f"an invoke wrote {got} where its rows have shape {tuple(expected)}")
+        pre = full.narrow(dim, 0, start)
+        post = full.narrow(dim, start + size, self.total - start - size)
+        widened = torch.cat([pre, edited, post], dim=dim)
+        return mark_stack(widened) if dim == 1 else widened
+
+    def assemble_skip(self, running: Any) -> Any:
+        if not isinstance(running, SkipParts):
+            return running
+        parts = sorted(running.parts, key=lambda part: part[0][0])
+        if sum(size for (_, size), _ in parts) != self.total:
+            return super().assemble_skip(running)  # raises nnsight's "skip in every invoke" error
+        first = parts[0][1]
+        if isinstance(first, torch.Tensor):
+            dim = batch_dim(first)
+            joined = torch.cat([replacement for _, replacement in parts], dim=dim)
+            return mark_stack(joined) if dim == 1 else joined
+        return super().assemble_skip(running)
+
+
+class PointEnvoy(Envoy):
+    """The envoy of a `HookPoint`: refuses points that never fire in this model, with the reason."""
+
+    def _require(self) -> None:
+        reason = self._module.available()
+        if reason is not None:
+            raise ValueError(reason)
+
+    @property
+    def output(self) -> Any:
+        self._require()
+        return Envoy.output.__get__(self)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._require()
+        Envoy.output.__set__(self, value)
+
+    @property
+    def input(self) -> Any:
+        self._require()
+        return Envoy.input.__get__(self)
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._require()
+        Envoy.input.__set__(self, value)
+
+
+class LayerEnvoy(Envoy):
+    """The envoy of a decoder layer: skipping a KV 'store' layer is refused before it breaks."""
+
+    def skip(self, replacement: Any) -> None:
+        layer = self._module
+        config = layer.config
+        modes = config.kv_sharing_modes
+        if modes[layer.layer_idx] == "store":
+            kind = config.layer_types[layer.layer_idx]
+            readers = [i for i, m in enumerate(modes) if m == "reuse" and config.layer_types[i] == kind]
+            raise ValueError(
+                f"layer {layer.layer_idx} is the KV 'store' layer for {kind}: layers {readers} reuse its keys "
+                "and values, so skipping it would leave them nothing to attend to (transformers fails with "
+                "a KeyError). Skip another layer, or edit this layer's points instead."
+            )
+        super().skip(replacement)
+
+
+def _envoy_classes() -> dict:
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
+
+    return {HookPoint: PointEnvoy, Gemma3nTextDecoderLayer: LayerEnvoy}
+
+
+class Gemma3nProbe(TransformersModel):
+    """A text-only Gemma 3n under nnsight, with every intervention point of `g3n_probe.points.POINTS`.
+
+    Build it with `g3n_probe.load`. Per-layer points live under ``model.layers[i]``; model-level
+    points are attributes of the model (``model.embed``, ``model.logits``, ...). Stock module paths
+    (``model.model.language_model.layers[i].mlp``) and ``.source`` work as in nnsight.
+    """
+
+    _batcher_class = StreamBatcher
+
+    def __init__(self, module: torch.nn.Module, tokenizer: Any = None, load_report: Any = None, **kwargs: Any) -> None:
+        from .points import inject
+
+        if not getattr(module, "_g3n_injected", False):
+            inject(module)
+        kwargs.setdefault("envoys", _envoy_classes())
+        super().__init__(module, tokenizer=tokenizer, task="text-generation", **kwargs)
+        self.load_report = load_report
+
+    # ---- accessors ----
+
+    @property
+    def layers(self) -> Envoy:
+        """The decoder layers' envoys; per-layer points are attributes of each."""
+        return self.model.language_model.layers
+
+    @property
+    def text_config(self) -> Any:
+        return self._module.config.get_text_config()
+
+    @property
+    def points(self) -> tuple:
+        """The intervention-point table (`g3n_probe.points.POINTS`)."""
+        return POINTS
+
+    # ---- readout ----
+
+    def lens(self, x: torch.Tensor, layer: int | None = None, text_only: bool = False) -> torch.Tensor:
+        """Logits for a stream stack [S,B,T,D] or one stream [B,T,D], by the model's own readout.
+
+        A stack is merged as the model merges after its last layer (unembed projections, magnitude
+        rescale, mean), then final norm, lm_head and soft cap; a single stream is read out alone
+        (no merge). On the last layer's output this reproduces the model's logits bit for bit.
+        The readout does not depend on which layer the stack came from; ``layer``, when given, is
+        checked to be a layer of this model and documents where ``x`` was read. Works inside a
+        trace (on saved or live values) and outside.
+        """
+        from .lens import readout
+
+        if layer is not None and not 0 <= layer < self.text_config.num_hidden_layers:
+            raise ValueError(f"layer {layer} is out of range: this model has {self.text_config.num_hidden_layers} layers")
+        return readout(self._module, x, text_only=text_only)
+
+    # ---- input validation ----
+
+    def _check_ids(self, ids: Any) -> None:
+        if not isinstance(ids, torch.Tensor):
+            return
+        vocab = self.text_config.vocab_size
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor; got dtype {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be 2-D [batch, tokens]; got shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"token ids are empty (shape {tuple(ids.shape)}); give at least one token")
+        if isinstance(ids, FakeTensor) or ids.is_meta:
+            return  # scan: shapes only, no values to check
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0:
+            raise ValueError(f"token ids must be non-negative; got {low}")
+        if high >= vocab:
+            raise ValueError(f"token id {high} is out of range: the vocabulary has {vocab} ids (0..{vocab - 1})")
+
+    def _validate(self, inputs: tuple, kwargs: dict) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            self._check_ids(inputs[0])
+        self._check_ids(kwargs.get("input_ids"))
+
+    def _call(self, *inputs: Any, **kwargs: Any) -> Any:
+        self._validate(inputs, kwargs)
+        return super()._call(*inputs, **kwargs)
+
+    @traceable
+    def generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        self._validate(inputs, kwargs)
+        return TransformersModel.generate.__wrapped__(self, *inputs, **kwargs)
+
+    # ---- towers ----
+
+    def load_tower(self, kind: str) -> torch.nn.Module:
+        """Materialise the ``"vision"`` or ``"audio"`` tower from the checkpoint (stock module)."""
+        from .towers import TOWERS, TowerStub, materialize
+
+        if kind not in TOWERS:
+            raise ValueError(f"unknown tower {kind!r}; choose 'vision' or 'audio'")
+        inner = self._module.model
+        current = getattr(inner, f"{kind}_tower")
+        if not isinstance(current, TowerStub):
+            return current
+        reference = inner.language_model.embed_tokens.weight
+        tower = materialize(current, dtype=reference.dtype, device=reference.device)
+        self.model._add_envoy(f"{kind}_tower", tower)
+        return tower
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    ple_device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+) -> Gemma3nProbe:
+    """Load a Gemma 3n checkpoint text-only and return it as a `Gemma3nProbe`.
+
+    Args:
+        source: a local checkpoint directory, or a hub id already in the local Hugging Face cache;
+            ``None`` loads the bundled default (the tiny synthetic checkpoint, made on first use).
+        device: ``None`` picks cuda when available, else cpu.
+        dtype: ``None`` picks bfloat16 on cuda, float32 on cpu.
+        ple_device: where the per-layer-embedding table lives; for now only the model's device.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed for ``attn_pattern``).
+    """
+    from .loading import _default_device, load_text_model
+
+    resolved_device = torch.device(device) if device is not None else _default_device()
+    if ple_device is not None and torch.device(ple_device) != resolved_device:
+        raise ValueError(
+            f"ple_device={str(ple_device)!r}: the per-layer-embedding table can only live on the model's "
+            f"device ({resolved_device}) for now; a host-resident table is not implemented yet"
+        )
+    module, report = load_text_model(source, device=resolved_device, dtype=dtype, attn_implementation=attn_implementation)
+    return Gemma3nProbe(module, tokenizer=_load_tokenizer(report.source), load_report=report)
+
+
+def _load_tokenizer(directory: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    from .loading import CheckpointError
+
+    if not ((directory / "tokenizer.json").exists() or (directory / "tokenizer.model").exists()):
+        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,134 @@
+"""Lazy stand-ins for Gemma 3n's vision and audio towers.
+
+``Gemma3nModel.__init__`` builds both towers through ``AutoModel.from_config``; the vision tower is
+timm's MobileNetV5 (294M parameters, and building it imports timm and PIL), the audio tower a 681M
+Conformer. Neither runs on a text forward. `tower_stubs` makes that ``from_config`` call return a
+`TowerStub` instead: a parameter-free module that remembers the tower's config and where each of
+its tensors lives in the checkpoint, and raises a clear error if anything calls it.
+`materialize` builds the real tower later, from the checkpoint, when a user asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+TOWERS = {"vision": "model.vision_tower.", "audio": "model.audio_tower."}
+
+_patch_lock = threading.RLock()
+
+
+class TowerNotLoadedError(RuntimeError):
+    """A tower was called, or asked for, on a text-only model."""
+
+
+class TowerStub(nn.Module):
+    """Parameter-free placeholder for a tower that was not loaded.
+
+    Attributes:
+        kind: ``"vision"`` or ``"audio"``.
+        config: the tower's config, exactly as the checkpoint's config.json gives it.
+        checkpoint_dir: the checkpoint the tower's tensors can be read from (set by the loader).
+        tensor_files: checkpoint key -> shard file name, for every tensor of this tower.
+    """
+
+    def __init__(self, kind: str, config: Any) -> None:
+        super().__init__()
+        self.kind = kind
+        self.config = config
+        self.checkpoint_dir: Path | None = None
+        self.tensor_files: dict[str, str] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TowerNotLoadedError(
+            f"the {self.kind} tower is not loaded: g3n_probe loads Gemma 3n text-only. "
+            f"Call model.load_tower({self.kind!r}) to materialise it from the checkpoint"
+            + (" (needs the 'towers' extra: pip install 'g3n_probe[towers]')." if self.kind == "vision" else ".")
+        )
+
+    def extra_repr(self) -> str:
+        where = f", {len(self.tensor_files)} tensors in {self.checkpoint_dir}" if self.checkpoint_dir else ""
+        return f"kind={self.kind!r}, not loaded{where}"
+
+
+def _stub_kind(config: Any) -> str | None:
+    model_type = getattr(config, "model_type", None)
+    return {"gemma3n_vision": "vision", "gemma3n_audio": "audio"}.get(model_type)
+
+
+@contextmanager
+def tower_stubs(vision: bool = True, audio: bool = True) -> Iterator[None]:
+    """While active, building a ``Gemma3nModel`` puts `TowerStub`s where the chosen towers go.
+
+    It swaps the ``AutoModel`` name that ``modeling_gemma3n`` builds its sub-models with for a shim
+    that intercepts only the tower configs; the text model is still built by the real AutoModel.
+    Works whether transformers passes the config positionally or as ``config=``.
+    """
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    wanted = {kind for kind, on in (("vision", vision), ("audio", audio)) if on}
+    real = modeling_gemma3n.AutoModel
+
+    class _AutoModelShim:
+        @staticmethod
+        def from_config(*args: Any, **kwargs: Any) -> nn.Module:
+            config = kwargs["config"] if "config" in kwargs else args[0]
+            kind = _stub_kind(config)
+            if kind in wanted:
+                return TowerStub(kind, config)
+            return real.from_config(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:  # pragma: no cover - passthrough
+            return getattr(real, name)
+
+    with _patch_lock:
+        modeling_gemma3n.AutoModel = _AutoModelShim
+        try:
+            yield
+        finally:
+            modeling_gemma3n.AutoModel = real
+
+
+def materialize(stub: TowerStub, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build the stock tower for ``stub`` and fill it from the checkpoint's safetensors."""
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    if not stub.tensor_files or stub.checkpoint_dir is None:
+        raise TowerNotLoadedError(
+            f"this checkpoint holds no {stub.kind} tower tensors; there is no {stub.kind} tower to load"
+        )
+    if stub.kind == "vision" and importlib.util.find_spec("timm") is None:
+        raise TowerNotLoadedError(
+            "the vision tower is timm's MobileNetV5: install the 'towers' extra "
+            "(pip install 'g3n_probe[towers]', which brings timm and pillow) to load it"
+        )
+    prefix = TOWERS[stub.kind]
+    # Built for real (not on meta) so transformers' own __init__ fills the non-persistent buffers.
+    tower = AutoModel.from_config(stub.config)
+    by_file: dict[str, list[str]] = {}
+    for key, filename in stub.tensor_files.items():
+        by_file.setdefault(filename, []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for filename, keys in by_file.items():
+        path = stub.checkpoint_dir / filename
+        if not path.exists():
+            raise FileNotFoundError(f"the {stub.kind} tower's shard {path} is missing")
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in keys:
+                state[key[len(prefix):]] = handle.get_tensor(key)
+    expected = set(tower.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's {stub.kind} tower does not match its config: "
+            f"missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}"
+        )
+    tower.load_state_dict(state, strict=True)
+    return tower.to(device=device, dtype=dtype).eval()
