@@ -178,14 +178,23 @@ def load_text_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
+    ple_device: str | torch.device | None = None,
 ) -> tuple[Any, LoadReport]:
-    """Build the stock ``Gemma3nForConditionalGeneration`` text-only from a safetensors checkpoint."""
+    """Build the stock ``Gemma3nForConditionalGeneration`` text-only from a safetensors checkpoint.
+
+    With the per-layer table on another device than the model (``ple_device``, by default the host
+    when ``device`` is an accelerator), everything is read to the table's device first and all but
+    the table then moved, so the table never occupies accelerator memory (see `g3n_probe.ple`).
+    """
     from transformers import Gemma3nForConditionalGeneration
+
+    from .ple import host_resident, move_except_table, resolve_ple_device
 
     directory = resolve_source(source)
     config = read_config(directory)
-    device = torch.device(device) if device is not None else _default_device()
+    device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    table_device = resolve_ple_device(ple_device, device)
     mapping = weight_map(directory)
     report = LoadReport(source=directory)
 
@@ -245,7 +254,7 @@ def load_text_model(
                 config=config,
                 state_dict=state,
                 dtype=dtype,
-                device_map=device,
+                device_map=table_device,
                 attn_implementation=attn_implementation,
                 output_loading_info=True,
             )
@@ -268,12 +277,46 @@ def load_text_model(
         if isinstance(stub, TowerStub):
             stub.checkpoint_dir = directory
             stub.tensor_files = files
+    if table_device.type == "cpu":
+        _own_host_memory(model)
+    table = model.model.language_model.embed_tokens_per_layer
+    if table_device != device:
+        move_except_table(model, device)
+    if table_device != device or ple_device is not None:
+        host_resident(table, device)
     model.eval()
     return model, report
 
 
+def _own_host_memory(model: Any) -> None:
+    """Copy host tensors out of the checkpoint's memory map.
+
+    On CPU, transformers leaves weights of the checkpoint's dtype as views into the mmapped
+    safetensors file, at whatever alignment their file offsets give. BLAS kernels round
+    differently for differently aligned operands (a single-row lm_head differed in the last bit
+    from the same weights in an aligned tensor), and a mapped file can change under the model.
+    A fresh allocation per tensor makes the model's arithmetic independent of the file layout.
+    """
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return _default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a device: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    return resolved
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -202,7 +202,30 @@ class Gemma3nProbe(TransformersModel):
 
     def _call(self, *inputs: Any, **kwargs: Any) -> Any:
         self._validate(inputs, kwargs)
+        # A trace is one forward: a KV cache would only cost memory (pass use_cache=True to keep one).
+        kwargs.setdefault("use_cache", False)
+        if "logits_to_keep" in kwargs:
+            ids = kwargs.get("input_ids", inputs[0] if inputs else None)
+            kwargs["logits_to_keep"] = self._positions(kwargs["logits_to_keep"], ids)
         return super()._call(*inputs, **kwargs)
+
+    def _positions(self, keep: Any, ids: Any) -> Any:
+        """Validate the lean readout: ``logits_to_keep`` = n (the last n positions; 0 = all) or a
+        list/tensor of positions (negative counts from the end)."""
+        tokens = ids.shape[-1] if isinstance(ids, torch.Tensor) else None
+        if isinstance(keep, bool):
+            raise TypeError("logits_to_keep takes an int or a list of positions, not a bool")
+        if isinstance(keep, int):
+            if keep < 0 or (tokens is not None and keep > tokens):
+                raise ValueError(f"logits_to_keep={keep}: keep between 0 (all) and {tokens} positions")
+            return keep
+        positions = torch.as_tensor(keep, dtype=torch.long)
+        if positions.dim() != 1 or positions.numel() == 0:
+            raise ValueError("logits_to_keep positions must be a non-empty 1-D list of token positions")
+        if tokens is not None and (int(positions.max()) >= tokens or int(positions.min()) < -tokens):
+            raise ValueError(f"logits_to_keep positions {positions.tolist()} fall outside the sequence of {tokens} tokens")
+        device = ids.device if isinstance(ids, torch.Tensor) else None
+        return positions.to(device)
 
     @traceable
     def generate(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -241,18 +264,15 @@ def load(
             ``None`` loads the bundled default (the tiny synthetic checkpoint, made on first use).
         device: ``None`` picks cuda when available, else cpu.
         dtype: ``None`` picks bfloat16 on cuda, float32 on cpu.
-        ple_device: where the per-layer-embedding table lives; for now only the model's device.
+        ple_device: where the per-layer-embedding table lives. ``None``: the host ("cpu") when the
+            model is on an accelerator (only the looked-up rows travel; see `g3n_probe.ple`),
+            otherwise the model's device.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed for ``attn_pattern``).
     """
-    from .loading import _default_device, load_text_model
+    from .loading import load_text_model
 
-    resolved_device = torch.device(device) if device is not None else _default_device()
-    if ple_device is not None and torch.device(ple_device) != resolved_device:
-        raise ValueError(
-            f"ple_device={str(ple_device)!r}: the per-layer-embedding table can only live on the model's "
-            f"device ({resolved_device}) for now; a host-resident table is not implemented yet"
-        )
-    module, report = load_text_model(source, device=resolved_device, dtype=dtype, attn_implementation=attn_implementation)
+    module, report = load_text_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                     ple_device=ple_device)
     return Gemma3nProbe(module, tokenizer=_load_tokenizer(report.source), load_report=report)
 
 

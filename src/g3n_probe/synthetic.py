@@ -314,3 +314,34 @@ def default_checkpoint() -> Path:
         except OSError:
             pass  # another process made it first
     return target
+
+
+def random_model(preset_or_config: Any = "tiny", *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A text-only stock ``Gemma3nForConditionalGeneration`` with random weights, built in memory.
+
+    For benchmarks at real shapes without writing a checkpoint. Towers are stubs; every parameter is
+    refilled with the same non-zero random scheme as `save_checkpoint`.
+    """
+    from transformers import Gemma3nForConditionalGeneration
+
+    from .towers import tower_stubs
+
+    config = preset_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    config._attn_implementation = attn_implementation
+    config.get_text_config()._attn_implementation = attn_implementation
+    generator = torch.Generator().manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with tower_stubs(), torch.device(device):
+            model = Gemma3nForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name == "lm_head.weight":
+                continue
+            param.copy_(_random_tensor(name, param.shape, torch.float32, generator).to(dtype))
+    model.tie_weights()
+    return model.eval()

@@ -1,0 +1,62 @@
+"""A host-resident per-layer-embedding (PLE) table.
+
+The PLE table is [262144, L·256]: 3.75 GiB of E2B's weights in bfloat16, 4.375 GiB of E4B's, and
+each forward reads only B·T of its rows. Gemma 3n was designed to keep it off the accelerator.
+Accelerate's ``device_map={"...embed_tokens_per_layer": "cpu"}`` does not do that: it copies the
+whole table to the GPU on every forward (measured 114.6 ms vs 26.8 ms per forward on an H100).
+
+`host_resident` keeps the stock ``Gemma3nTextScaledWordEmbedding`` module (so ``state_dict`` keys
+and the ``ple_tokens`` point are unchanged) with its weight in host memory, and gives it an
+instance-level call-through ``forward``: the token ids go to the host, the *stock* lookup runs
+there (gather rows × √P), and only the [B,T,L·P] result travels to the compute device. The
+values are the stock values bit for bit (a gather and one elementwise multiply).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def resolve_ple_device(ple_device: str | torch.device | None, device: torch.device) -> torch.device:
+    """``None`` means the host when the model is on an accelerator, else the model's device."""
+    if ple_device is None:
+        return torch.device("cpu") if device.type not in ("cpu", "meta") else device
+    try:
+        resolved = torch.device(ple_device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"ple_device={ple_device!r} is not a device: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"ple_device={ple_device!r}: CUDA is not available on this machine")
+    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"ple_device={ple_device!r}: the per-layer table lives on the host (cpu) or the model's device")
+    if resolved.type == "cuda" and device.type == "cuda" and resolved != device and resolved.index is not None:
+        raise ValueError(f"ple_device={ple_device!r} is another accelerator than the model's ({device})")
+    return resolved
+
+
+def host_resident(table: nn.Module, compute_device: torch.device) -> None:
+    """Serve ``table`` (the stock per-layer embedding module, weight on the host) to ``compute_device``."""
+    stock_forward = type(table).forward
+    host = table.weight.device
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        rows = stock_forward(table, input_ids.to(host))
+        return rows.to(compute_device, non_blocking=compute_device.type == "cuda")
+
+    object.__setattr__(table, "forward", forward)
+    table._g3n_host_resident = True
+
+
+def move_except_table(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer of ``model`` to ``device`` except the per-layer table's."""
+    language_model = model.model.language_model
+    table = language_model.embed_tokens_per_layer
+    placeholder: Any = nn.Module()
+    language_model.embed_tokens_per_layer = placeholder
+    try:
+        model.to(device)
+    finally:
+        language_model.embed_tokens_per_layer = table
