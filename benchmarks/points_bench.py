@@ -28,30 +28,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def mid_config():
-    """A mid-size Gemma 3n: real layer pattern and mechanisms, 12 layers of width 512, 16k vocabulary."""
-    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
-
-    text_vocab, soft = 16_384, 128
-    layers = 12
-    text = Gemma3nTextConfig(
-        vocab_size=text_vocab + 2 * soft, vocab_size_per_layer_input=text_vocab, hidden_size=512,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-        hidden_size_per_layer_input=64, laurel_rank=32, sliding_window=128, intermediate_size=[2048] * layers,
-        activation_sparsity_pattern=[0.95] * 4 + [0.0] * (layers - 4),
-        layer_types=["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(layers)],
-        num_kv_shared_layers=4,
-    )
-    config = Gemma3nConfig(
-        text_config=text, vision_config=Gemma3nVisionConfig(vocab_offset=text_vocab, vocab_size=soft, hidden_size=64),
-        audio_config=Gemma3nAudioConfig(vocab_offset=text_vocab + soft, vocab_size=soft, hidden_size=64,
-                                        conf_num_hidden_layers=1, conf_num_attention_heads=2),
-        eoi_token_id=text_vocab, image_token_id=text_vocab + 1, eoa_token_id=text_vocab + soft,
-        audio_token_id=text_vocab + soft + 1, boi_token_id=text_vocab - 2, boa_token_id=text_vocab - 1,
-    )
-    return config
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -72,7 +48,7 @@ def _time(fn, device: torch.device, repeats: int, warmup: int) -> float:
 
 def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]],
           repeats: int, warmup: int) -> list[dict]:
-    from g3n_probe.points import LAYER_POINTS, MODEL_POINTS
+    from g3n_probe.bench import trace_every_point
     from g3n_probe.probe import Gemma3nProbe
     from g3n_probe.synthetic import build_tokenizer, random_model
 
@@ -80,7 +56,6 @@ def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: 
     injected = copy.deepcopy(stock)
     probe = Gemma3nProbe(injected, tokenizer=build_tokenizer(stock.config))
     text = stock.config.get_text_config()
-    layer_names = [p.name for p in LAYER_POINTS if p.needs is None]
     rows = []
     for batch, tokens in shapes:
         ids = torch.randint(3, text.vocab_size_per_layer_input, (batch, tokens), device=device)
@@ -99,16 +74,7 @@ def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: 
                 probe.logits.output.save()
 
         def run_all_saved():
-            with torch.no_grad(), probe.trace(ids, use_cache=False):
-                for point in MODEL_POINTS[:4]:
-                    getattr(probe, point.name).output.save()
-                for i in range(text.num_hidden_layers):
-                    probe.layers[i].input.save()
-                    for name in layer_names:
-                        getattr(probe.layers[i], name).output.save()
-                    probe.layers[i].output.save()
-                for point in MODEL_POINTS[4:]:
-                    getattr(probe, point.name).output.save()
+            trace_every_point(probe, ids)
 
         times = {}
         for mode, fn in (("stock", run_stock), ("injected", run_injected), ("trace", run_trace),
@@ -149,7 +115,7 @@ def main() -> None:
         repeats = args.repeats or 10
     rows = []
     for preset in presets:
-        config = mid_config() if preset == "mid" else preset_config(preset)
+        config = preset_config(preset)
         rows += bench(preset, config, device, dtype, shapes, repeats, args.warmup)
     lines = ["| model | B×T | stock (ms) | injected, no trace | trace | trace, every point saved |", "|---|---|---|---|---|---|"]
     for r in rows:

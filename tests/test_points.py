@@ -195,3 +195,24 @@ def test_every_table_row_is_reachable(probe):
     for point in POINTS:
         owner = probe.layers[0] if point.scope == "layer" else probe
         assert getattr(owner, point.name) is not None
+
+
+def test_plain_torch_hooks_on_points_without_a_trace(probe, stock, ids):
+    """HookPoints are ordinary modules: a torch forward hook sees (and may replace) the value with
+    no trace at all, and altup_correct is still a pre-PLE snapshot for it."""
+    layer = probe._module.model.language_model.layers[2]
+    seen = {}
+    handles = [
+        layer.altup_correct.register_forward_hook(lambda m, a, o: seen.__setitem__("correct", o)),
+        layer.ple_out.register_forward_hook(lambda m, a, o: o * 0.5),
+    ]
+    try:
+        with torch.no_grad():
+            logits = probe._module(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = capture(stock, ids)
+    assert torch.equal(seen["correct"], expected[("altup_correct", 2)])
+    with edited(stock, "ple_out", 2, lambda v: v * 0.5):
+        assert torch.equal(logits, stock_forward(stock, ids).logits)

@@ -8,7 +8,9 @@
         logits = model.logits.output.save()
 """
 
-from . import synthetic
+from . import matformer, synthetic
+from .audit import AuditReport, audit
+from .cache import ActivationCache, cache_dataset
 from .loading import CheckpointError, LoadReport
 from .points import POINTS, HookPoint, Point, PointWriteError
 from .probe import Gemma3nProbe, load
@@ -16,6 +18,11 @@ from .towers import TowerNotLoadedError
 
 __all__ = [
     "POINTS",
+    "ActivationCache",
+    "AuditReport",
+    "audit",
+    "cache_dataset",
+    "matformer",
     "CheckpointError",
     "Gemma3nProbe",
     "HookPoint",

@@ -3,6 +3,8 @@
     g3n-probe info [SOURCE]        config, components (stored vs loaded), layers
     g3n-probe points [SOURCE]      the intervention-point table with this checkpoint's shapes
     g3n-probe demo [--model SRC]   trace a code prompt, logit lens through the AltUp merge, ablations
+    g3n-probe bench [--device cuda] memory and speed, per-layer table on the device vs the host
+    g3n-probe audit [SOURCE] [--prompt TEXT ...]  where transformers and Google's reference differ
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def _component_of(key: str) -> str:
 
 
 _COMPONENTS = ("text decoder", "embed_tokens", "per-layer table", "multimodal embedders", "vision tower", "audio tower")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
     """Parameters and bytes per component as stored, from the safetensors headers (no tensor data)."""
     from safetensors import safe_open
 
+    from ._util import SAFETENSORS_DTYPE_BYTES
     from .loading import weight_map
 
     mapping = weight_map(directory)
@@ -72,7 +74,7 @@ def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
                 numel = math.prod(piece.get_shape())
                 entry = result[_component_of(key)]
                 entry["params"] += numel
-                entry["bytes"] += numel * _DTYPE_BYTES.get(piece.get_dtype(), 4)
+                entry["bytes"] += numel * SAFETENSORS_DTYPE_BYTES.get(piece.get_dtype(), 4)
     return result
 
 
@@ -184,8 +186,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import load
+    from .audit import audit
+
+    model = load(args.source)
+    report = audit(model, args.prompt or None)
+    table = Table(title=f"Faithfulness audit: {model.load_report.source}")
+    for column in ("difference", "where", "value"):
+        table.add_column(column)
+    for c in report.coefficients_beyond_clip:
+        table.add_row("AltUp coefficient beyond clip", f"layer {c['layer']} {c['matrix']}{list(c['index'])}",
+                      f"{c['value']:g} (clip ±{report.clip:g})")
+    for h in report.epsilon_hits:
+        table.add_row("stream-magnitude epsilon", f"{h['where']}, prompt {h['prompt']}, token {h['token']}, stream {h['stream']}",
+                      f"rms {h['rms']:.3e}")
+    table.add_row("final soft cap", "logits", "none in the reference" if report.softcap is None else
+                  f"{report.softcap:g} here, none in the reference")
+    console.print(table)
+    console.print(f"[bold]verdict:[/bold] {report.verdict}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    preset = args.preset or ("e2b" if args.device.startswith("cuda") else "tiny")
+    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes] if args.shapes else None
+    run_bench(preset, device=args.device, shapes=shapes, repeats=args.repeats, leak_traces=args.leak_traces,
+              out_dir=Path(args.out), print_fn=console.print)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     parser = argparse.ArgumentParser(prog="g3n-probe", description="Gemma 3n interpretability, text-only, exact.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -206,6 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--out", default="g3n_probe_demo.png", help="where to save the plot")
     demo.set_defaults(func=cmd_demo)
+
+    audit = sub.add_parser("audit", help="where transformers and Google's reference Gemma 3n compute differently")
+    audit.add_argument("source", nargs="?", default=None)
+    audit.add_argument("--prompt", action="append", default=[], help="inputs to check (repeatable)")
+    audit.set_defaults(func=cmd_audit)
+
+    bench = sub.add_parser("bench", help="memory and speed: stock vs g3n_probe, per-layer table on device vs host")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--preset", default=None, help="tiny, mid, e2b, e4b (default: tiny on cpu, e2b on cuda)")
+    bench.add_argument("--shapes", nargs="*", default=None, help="BxT shapes, e.g. 1x128 8x512 1x2048")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--leak-traces", type=int, default=500)
+    bench.add_argument("--out", default="benchmarks/results")
+    bench.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     global console

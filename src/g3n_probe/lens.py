@@ -10,6 +10,7 @@ reproduces the model's logits bit for bit (tested).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,13 +27,13 @@ def _merge_streams(language_model: Any, stack: torch.Tensor) -> torch.Tensor:
     return torch.mean(torch.stack(streams), dim=0)
 
 
-def readout(model: Any, x: torch.Tensor, text_only: bool = False) -> torch.Tensor:
+def readout(model: Any, x: torch.Tensor, text_only: bool = False, tokenizer: Any = None) -> torch.Tensor:
     """Logits for a stream stack [S,B,T,D] (merged as the model merges) or one stream [B,T,D]
     (read alone: final norm, lm_head, soft cap — no merge).
 
     ``model`` is the transformers ``Gemma3nForConditionalGeneration``. With ``text_only`` the ids
-    that are not text (vision and audio soft tokens) are set to -inf, so top-k readouts only name
-    text tokens.
+    that are not text — vision and audio soft tokens, and the tokenizer's reserved ``<unused…>``
+    ids — are set to -inf, so top-k readouts only name text tokens.
     """
     language_model = model.model.language_model
     text = model.config.get_text_config()
@@ -51,13 +52,70 @@ def readout(model: Any, x: torch.Tensor, text_only: bool = False) -> torch.Tenso
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     if text_only:
-        logits = logits.masked_fill(~text_vocabulary_mask(model, logits.device), float("-inf"))
+        logits = logits.masked_fill(~text_vocabulary_mask(model, tokenizer, logits.device), float("-inf"))
     return logits
 
 
-def text_vocabulary_mask(model: Any, device: torch.device | None = None) -> torch.Tensor:
-    """True for ids that are text tokens (below the vision soft-token range)."""
+def text_vocabulary_mask(model: Any, tokenizer: Any = None, device: torch.device | None = None) -> torch.Tensor:
+    """True for ids that are text tokens: below the vision soft-token range and, when a tokenizer
+    is given, not one of its reserved ``<unused…>`` tokens."""
     text = model.config.get_text_config()
-    mask = torch.zeros(text.vocab_size, dtype=torch.bool, device=device)
+    mask = torch.zeros(text.vocab_size, dtype=torch.bool)
     mask[: text.vocab_size_per_layer_input] = True
-    return mask
+    if tokenizer is not None:
+        for token, index in tokenizer.get_vocab().items():
+            if token.startswith("<unused") and index < text.vocab_size:
+                mask[index] = False
+    return mask.to(device) if device is not None else mask
+
+
+@dataclass
+class LogitLensTable:
+    """Top-k next-token readouts per layer and position: renders in a notebook and a terminal.
+
+    ``tokens[p]`` is the input token at position p; ``top[l][p]`` the k (token, probability)
+    pairs read out after layer l (the last row, ``"model"``, is the model's own output).
+    """
+
+    tokens: list[str]
+    rows: list[str]
+    top: list[list[list[tuple[str, float]]]]
+    probabilities: torch.Tensor = field(repr=False)  # [rows, positions, k]
+    ids: torch.Tensor = field(repr=False)  # [rows, positions, k]
+
+    def _cells(self, row: int, position: int, k: int | None = None) -> str:
+        return " ".join(f"{token!r}:{p:.2f}" for token, p in self.top[row][position][:k])
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="logit lens through the AltUp merge (top next tokens after each layer)")
+        table.add_column("layer")
+        for token in self.tokens:
+            table.add_column(repr(token)[1:-1][:14])
+        for r, label in enumerate(self.rows):
+            table.add_row(label, *[self._cells(r, p, 2) for p in range(len(self.tokens))])
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=200, record=True, file=__import__("io").StringIO())
+        console.print(self)
+        return console.export_text()
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = "".join(f"<th>{html.escape(repr(t))}</th>" for t in self.tokens)
+        body = []
+        for r, label in enumerate(self.rows):
+            cells = []
+            for p in range(len(self.tokens)):
+                token, prob = self.top[r][p][0]
+                rest = html.escape(self._cells(r, p))
+                cells.append(f'<td title="{rest}" style="background: rgba(66,133,244,{prob:.2f})">'
+                             f"{html.escape(repr(token))}<br><small>{prob:.2f}</small></td>")
+            body.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+        return (f"<table><caption>logit lens through the AltUp merge</caption><tr><th>layer</th>{head}</tr>"
+                f"{''.join(body)}</table>")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._util import SAFETENSORS_DTYPE_BYTES, parse_device
 from .towers import TOWERS, TowerStub, tower_stubs
 
 TEXT_PREFIXES = ("model.language_model.", "model.embed_vision.", "model.embed_audio.")
@@ -47,14 +48,13 @@ class LoadReport:
     files_opened: list[str] = field(default_factory=list)
     skipped_kv_shared: list[str] = field(default_factory=list)
     tower_tensors_in_checkpoint: dict[str, int] = field(default_factory=dict)
+    clipped_coefficients: int = 0
 
 
 def resolve_source(source: str | os.PathLike | None) -> Path:
     """A local checkpoint directory for ``source``: a path, or a hub id found in the local HF cache."""
     if source is None:
-        from .synthetic import default_checkpoint
-
-        return default_checkpoint()
+        return default_source()
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -74,6 +74,20 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
             f"({constants.HF_HUB_CACHE}); g3n_probe never downloads. Download it first "
             f"(huggingface-cli download {text}) or pass a local directory. ({type(error).__name__})"
         ) from None
+
+
+BUNDLED = Path(__file__).parent / "data" / "default"
+
+
+def default_source() -> Path:
+    """The bundled default: the trained tiny Gemma 3n shipped in the package (see its model card,
+    ``data/default/README.md``), or, if a build lacks it, the tiny synthetic checkpoint made on
+    first use into a cache directory."""
+    if (BUNDLED / "model.safetensors").exists():
+        return BUNDLED
+    from .synthetic import default_checkpoint
+
+    return default_checkpoint()
 
 
 def read_config(directory: Path):
@@ -161,15 +175,12 @@ class _CountingHandle:
         piece = self._handle.get_slice(key)
         self._report.tensors_read += 1
         shape = piece.get_shape()
-        itemsize = _DTYPE_SIZES.get(piece.get_dtype(), 4)
+        itemsize = SAFETENSORS_DTYPE_BYTES.get(piece.get_dtype(), 4)
         numel = 1
         for size in shape:
             numel *= size
         self._report.bytes_read += numel * itemsize
         return piece
-
-
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def load_text_model(
@@ -308,15 +319,7 @@ def _default_device() -> torch.device:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return _default_device()
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a device: {error}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
-    return resolved
+    return _default_device() if device is None else parse_device(device, "device")
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -19,17 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._util import parse_device
+
 
 def resolve_ple_device(ple_device: str | torch.device | None, device: torch.device) -> torch.device:
     """``None`` means the host when the model is on an accelerator, else the model's device."""
     if ple_device is None:
         return torch.device("cpu") if device.type not in ("cpu", "meta") else device
-    try:
-        resolved = torch.device(ple_device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"ple_device={ple_device!r} is not a device: {error}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"ple_device={ple_device!r}: CUDA is not available on this machine")
+    resolved = parse_device(ple_device, "ple_device")
     if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"ple_device={ple_device!r}: the per-layer table lives on the host (cpu) or the model's device")
     if resolved.type == "cuda" and device.type == "cuda" and resolved != device and resolved.index is not None:

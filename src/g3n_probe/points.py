@@ -107,13 +107,8 @@ POINTS: tuple[Point, ...] = (
           "soft-capped logits", "logits", "forward"),
 )
 
-POINTS_BY_NAME = {(p.scope, p.name): p for p in POINTS}
 LAYER_POINTS = tuple(p for p in POINTS if p.scope == _LAYER)
 MODEL_POINTS = tuple(p for p in POINTS if p.scope == _MODEL)
-
-
-def point_names(scope: str | None = None) -> list[str]:
-    return [p.name for p in POINTS if scope is None or p.scope == scope]
 
 
 def mark_stack(tensor: Any) -> Any:
@@ -213,8 +208,10 @@ def _set_plain(obj: Any, name: str, value: Any) -> None:
 def _pass_through(point: HookPoint, value: torch.Tensor) -> torch.Tensor:
     if point.point.stack:
         mark_stack(value)
-        return mark_stack(point(value))
-    return point(value)
+    if not point.observed():
+        return value  # nobody can see or change it: skip the module call (the points' only cost)
+    result = point(value)
+    return mark_stack(result) if point.point.stack else result
 
 
 def _output_hook(point: HookPoint, view: Callable | None = None, unview: Callable | None = None):
@@ -454,7 +451,7 @@ def _install_eager_pattern_route() -> None:
                                 attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any):
         output, weights = _STOCK_EAGER(module, query, key, value, attention_mask, *args, **kwargs)
         point = module.__dict__.get("_g3n_attn_pattern")
-        if point is None:
+        if point is None or not point.observed():
             return output, weights
         version = weights._version
         written = point(weights)

@@ -173,7 +173,56 @@ class Gemma3nProbe(TransformersModel):
 
         if layer is not None and not 0 <= layer < self.text_config.num_hidden_layers:
             raise ValueError(f"layer {layer} is out of range: this model has {self.text_config.num_hidden_layers} layers")
-        return readout(self._module, x, text_only=text_only)
+        return readout(self._module, x, text_only=text_only, tokenizer=self.tokenizer)
+
+    def logit_lens(self, prompt: Any, k: int = 5, text_only: bool = True, positions: Any = None):
+        """Top-``k`` next tokens after every layer, read out through the AltUp merge.
+
+        Returns a `g3n_probe.lens.LogitLensTable` (layers × positions, tokens as strings, with
+        probabilities) that renders as HTML in a notebook and as a table in a terminal.
+        ``positions`` (a list of ints, negative from the end) limits the columns.
+        """
+        from .lens import LogitLensTable
+
+        layers = self.text_config.num_hidden_layers
+        stacks = []
+        with torch.no_grad(), self.trace(prompt):
+            for i in range(layers):
+                stacks.append(self.layers[i].output.save())
+            logits = self.logits.output.save()
+        ids = self._last_input_ids(prompt)
+        length = ids.shape[-1]
+        columns = list(range(length)) if positions is None else [p % length for p in positions]
+        with torch.no_grad():
+            readouts = [self.lens(stack, text_only=text_only) for stack in stacks]
+            if text_only:
+                from .lens import text_vocabulary_mask
+
+                logits = logits.masked_fill(~text_vocabulary_mask(self._module, self.tokenizer, logits.device), float("-inf"))
+            readouts.append(logits)
+            probs = torch.stack([r[0, columns].float().softmax(-1) for r in readouts])  # [rows, positions, V]
+            top_p, top_i = probs.topk(k, dim=-1)
+        decode = lambda t: self.tokenizer.decode([int(t)])  # noqa: E731
+        top = [[[(decode(i), float(p)) for p, i in zip(top_p[r, c], top_i[r, c])] for c in range(len(columns))]
+               for r in range(len(readouts))]
+        return LogitLensTable(tokens=[decode(ids[0, c]) for c in columns], rows=[str(i) for i in range(layers)] + ["model"],
+                              top=top, probabilities=top_p, ids=top_i)
+
+    def cache(self, inputs: Any, points: Any, layers: Any = None, positions: Any = None, device: Any = "cpu",
+              dtype: torch.dtype | None = None, max_bytes: int | None = None, verbose: bool = True):
+        """Activation cache keyed by point names (``"layers.3.altup_predict"``, ``"ple_tokens"``, …).
+
+        See `g3n_probe.cache.cache`: states its size before running and refuses above ``max_bytes``.
+        """
+        from .cache import cache
+
+        return cache(self, inputs, points, layers=layers, positions=positions, device=device, dtype=dtype,
+                     max_bytes=max_bytes, verbose=verbose)
+
+    def _last_input_ids(self, prompt: Any) -> torch.Tensor:
+        if isinstance(prompt, torch.Tensor):
+            return prompt if prompt.dim() == 2 else prompt[None]
+        return self.tokenizer(prompt, return_tensors="pt")["input_ids"]
 
     # ---- input validation ----
 
@@ -256,6 +305,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     ple_device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
+    altup_clip: str = "stock",
 ) -> Gemma3nProbe:
     """Load a Gemma 3n checkpoint text-only and return it as a `Gemma3nProbe`.
 
@@ -268,11 +318,20 @@ def load(
             model is on an accelerator (only the looked-up rows travel; see `g3n_probe.ple`),
             otherwise the model's device.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed for ``attn_pattern``).
+        altup_clip: ``"stock"`` (default) leaves AltUp coefficients as stored, as transformers does in
+            eval mode; ``"reference"`` clips them once to ±``altup_coef_clip``, which is what Google's
+            reference implementation's per-forward clip amounts to (see `g3n_probe.audit`).
     """
     from .loading import load_text_model
 
+    if altup_clip not in ("stock", "reference"):
+        raise ValueError(f"altup_clip={altup_clip!r}: choose 'stock' or 'reference'")
     module, report = load_text_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
                                      ple_device=ple_device)
+    if altup_clip == "reference":
+        from .audit import clip_coefficients
+
+        report.clipped_coefficients = clip_coefficients(module)
     return Gemma3nProbe(module, tokenizer=_load_tokenizer(report.source), load_report=report)
 
 

@@ -21,6 +21,7 @@ real ids (scaled into the tiny vocabulary where the real id lies past it).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,7 +32,9 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-PRESETS = ("tiny", "e2b", "e4b")
+from ._util import atomic_write, build_text_only
+
+PRESETS = ("tiny", "mid", "e2b", "e4b")
 
 _MANIFEST = Path(__file__).parent / "data" / "mobilenetv5_300m_enc.json"
 
@@ -68,7 +71,8 @@ def _vocab_layout(text_vocab: int, soft_vocab: int) -> dict[str, int]:
 
 
 def preset_config(preset: str = "tiny"):
-    """The ``Gemma3nConfig`` of a preset: ``tiny`` (tests), ``e2b`` or ``e4b`` (real shapes)."""
+    """The ``Gemma3nConfig`` of a preset: ``tiny`` (tests), ``mid`` (CPU benchmarks: 12 layers of
+    width 512, a 16k text vocabulary), ``e2b`` or ``e4b`` (real shapes)."""
     from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
 
     if preset not in PRESETS:
@@ -88,6 +92,18 @@ def preset_config(preset: str = "tiny"):
         vision = dict(hidden_size=32)
         audio = dict(hidden_size=32, conf_num_hidden_layers=1, conf_num_attention_heads=2,
                      input_feat_size=16, sscp_conv_channel_size=[8, 8])
+    elif preset == "mid":
+        ids = _vocab_layout(text_vocab=16_384, soft_vocab=128)
+        layers = 12
+        text = dict(
+            hidden_size=512, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=128, hidden_size_per_layer_input=64, laurel_rank=32, sliding_window=128,
+            intermediate_size=[2048] * layers, activation_sparsity_pattern=[0.95] * 4 + [0.0] * (layers - 4),
+            layer_types=["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(layers)],
+            num_kv_shared_layers=4, max_position_embeddings=4096,
+        )
+        vision = dict(hidden_size=64)
+        audio = dict(hidden_size=64, conf_num_hidden_layers=1, conf_num_attention_heads=2)
     else:
         ids = _vocab_layout(text_vocab=262_144, soft_vocab=128)
         layers = 30 if preset == "e2b" else 35
@@ -177,7 +193,7 @@ def _checkpoint_shapes(config, preset: str) -> dict[str, tuple[torch.Size, torch
             shapes[prefix + "v_proj.weight"] = (torch.Size([kv, text.hidden_size]), torch.float32)
             shapes[prefix + "k_norm.weight"] = (torch.Size([text.head_dim]), torch.float32)
     vision = {}
-    if preset == "tiny":
+    if preset in ("tiny", "mid", "custom"):
         # A small stand-in for MobileNetV5's tensors: tiny cannot build the timm tower either way.
         width = config.vision_config.hidden_size
         vision = {
@@ -239,7 +255,7 @@ def _shards(shapes: dict, max_shard_bytes: int, dtype: torch.dtype) -> list[list
 
 def save_checkpoint(
     path: str | os.PathLike,
-    preset: str = "tiny",
+    preset: Any = "tiny",
     seed: int = 0,
     *,
     dtype: torch.dtype | None = None,
@@ -249,10 +265,15 @@ def save_checkpoint(
     """Write a synthetic Gemma 3n checkpoint in the Hugging Face layout; returns its directory.
 
     ``dtype`` defaults to float32 for ``tiny`` and bfloat16 (the real checkpoints' dtype) for
-    ``e2b``/``e4b``. Shards are written one at a time, so memory stays near one shard.
+    ``e2b``/``e4b``. Shards are written one at a time, so memory stays near one shard. ``preset``
+    may also be a ``Gemma3nConfig`` (written with the small vision stand-in).
     """
-    config = preset_config(preset)
-    dtype = dtype or (torch.float32 if preset == "tiny" else torch.bfloat16)
+    if isinstance(preset, str):
+        config = preset_config(preset)
+    else:
+        config, preset = copy.deepcopy(preset), "custom"
+    small = preset in ("tiny", "mid", "custom")
+    dtype = dtype or (torch.float32 if small else torch.bfloat16)
     max_shard_bytes = max_shard_bytes or (2 * 1024**2 if preset == "tiny" else 4 * 1024**3)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,26 +304,15 @@ def save_checkpoint(
             )
             total += tensors[name].numel() * tensors[name].element_size()
             weight_map[name] = filename
-        _atomic_save(tensors, out / filename)
+        atomic_write(out / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         del tensors
     index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
     return out
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def default_checkpoint() -> Path:
-    """The bundled default: the tiny synthetic checkpoint, made once into a cache directory."""
+    """The tiny synthetic checkpoint, made once into a cache directory (``G3N_PROBE_CACHE``)."""
     root = Path(os.environ.get("G3N_PROBE_CACHE", Path.home() / ".cache" / "g3n_probe"))
     target = root / "tiny-seed0"
     if not (target / "model.safetensors.index.json").exists():
@@ -312,7 +322,9 @@ def default_checkpoint() -> Path:
         try:
             os.replace(tmp, target)
         except OSError:
-            pass  # another process made it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)  # another process made it first
     return target
 
 
@@ -323,21 +335,11 @@ def random_model(preset_or_config: Any = "tiny", *, device: str | torch.device =
     For benchmarks at real shapes without writing a checkpoint. Towers are stubs; every parameter is
     refilled with the same non-zero random scheme as `save_checkpoint`.
     """
-    from transformers import Gemma3nForConditionalGeneration
-
-    from .towers import tower_stubs
-
     config = preset_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     config._attn_implementation = attn_implementation
     config.get_text_config()._attn_implementation = attn_implementation
     generator = torch.Generator().manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with tower_stubs(), torch.device(device):
-            model = Gemma3nForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_text_only(config, device, dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name == "lm_head.weight":

@@ -1,0 +1,122 @@
+"""Activation caches keyed by point names, and dataset shards (resume, refusal, torchrun)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import g3n_probe as g3n
+from reference import capture
+
+TEXTS = ["def f(x):\n    return x", "import os", "class A:\n    pass", "for i in range(3):", "x = [1, 2]", "print('hi')",
+         "while True: break"]
+
+
+def test_cache_values_match_reference(probe, stock, ids):
+    values = probe.cache(ids, ["ple_tokens", "altup_predict", "layers.2.ple_out", "output", "logits"], layers=[1, 3])
+    expected = capture(stock, ids)
+    assert set(values) == {"ple_tokens", "layers.1.altup_predict", "layers.3.altup_predict", "layers.2.ple_out",
+                           "layers.1.output", "layers.3.output", "logits"}
+    for key, value in values.items():
+        parts = key.split(".")
+        name, layer = (parts[2], int(parts[1])) if len(parts) == 3 else (key, None)
+        assert torch.equal(value, expected[(name, layer)]), key
+    assert values.nbytes == sum(v.numel() * 4 for v in values.values())
+
+
+def test_cache_positions_and_dtype(probe, stock, ids):
+    values = probe.cache(ids, ["layers.0.altup_predict", "layers.0.mlp_act", "logits"], positions=[-1, 0],
+                         dtype=torch.float16)
+    expected = capture(stock, ids)
+    assert values["layers.0.altup_predict"].shape == (4, 1, 2, 64)
+    assert torch.equal(values["layers.0.altup_predict"], expected[("altup_predict", 0)][:, :, [-1, 0]].half())
+    assert torch.equal(values["logits"], expected[("logits", None)][:, [-1, 0]].half())
+
+
+def test_cache_states_size_and_refuses_over_max_bytes(probe, ids, capsys):
+    with pytest.raises(MemoryError, match="max_bytes"):
+        probe.cache(ids, ["altup_predict"], max_bytes=1000)
+    assert "MiB" in capsys.readouterr().out
+
+
+def test_cache_bad_names_and_layers(probe, ids):
+    with pytest.raises(ValueError, match="valid names: .*altup_predict"):
+        probe.cache(ids, ["altup_prediction"])
+    with pytest.raises(ValueError, match="out of range"):
+        probe.cache(ids, ["altup_predict"], layers=[99])
+    with pytest.raises(ValueError, match="out of range"):
+        probe.cache(ids, ["layers.12.ple_out"])
+    with pytest.raises(ValueError, match="eager"):
+        probe.cache(ids, ["attn_pattern"])
+    with pytest.raises(ValueError, match="outside the sequence"):
+        probe.cache(ids, ["logits"], positions=[100])
+
+
+def test_cache_text_batch(probe):
+    values = probe.cache(TEXTS[:3], ["layers.0.ple_out"])
+    assert values["layers.0.ple_out"].shape[0] == 3
+    assert values.attention_mask is not None and (values.attention_mask[:, -1] == 1).all()  # left padded
+
+
+def test_cache_dataset_and_resume(probe, tmp_path, monkeypatch):
+    out = tmp_path / "acts"
+    paths = g3n.cache_dataset(probe, TEXTS, ["layers.1.altup_predict", "ple_out"], out, batch_size=3, layers=[0, 2],
+                              progress=False)
+    assert [p.name for p in paths] == ["shard-000000.safetensors", "shard-000001.safetensors", "shard-000002.safetensors"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["points"] == ["layers.0.ple_out", "layers.1.altup_predict", "layers.2.ple_out"]
+    shard = load_file(str(paths[1]))
+    direct = probe.cache(TEXTS[3:6], ["layers.1.altup_predict"], verbose=False)
+    assert torch.equal(shard["layers.1.altup_predict"], direct["layers.1.altup_predict"])
+    assert torch.equal(shard["input_ids"], direct.input_ids)
+
+    paths[1].unlink()  # an interrupted run: one shard missing
+    calls = []
+    from g3n_probe import cache as cache_module
+
+    real = cache_module.cache
+    monkeypatch.setattr(cache_module, "cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g3n.cache_dataset(probe, TEXTS, ["layers.1.altup_predict", "ple_out"], out, batch_size=3, layers=[0, 2], progress=False)
+    assert len(calls) == 1 and paths[1].exists()
+
+
+def test_cache_dataset_refuses_a_different_cache(probe, tmp_path):
+    out = tmp_path / "acts"
+    g3n.cache_dataset(probe, TEXTS[:2], ["layers.0.ple_out"], out, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="points"):
+        g3n.cache_dataset(probe, TEXTS[:2], ["layers.0.mlp_out"], out, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="texts"):
+        g3n.cache_dataset(probe, TEXTS[:3], ["layers.0.ple_out"], out, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="no texts"):
+        g3n.cache_dataset(probe, [], ["layers.0.ple_out"], tmp_path / "empty", progress=False)
+
+
+def test_cache_dataset_under_torchrun(tiny_dir, tmp_path):
+    out = tmp_path / "dist"
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch, torch.distributed as dist, g3n_probe as g3n
+        model = g3n.load({str(tiny_dir)!r})
+        texts = {TEXTS!r}
+        paths = g3n.cache_dataset(model, texts, ["layers.1.ple_out"], {str(out)!r}, batch_size=2, progress=False)
+        import json, pathlib
+        pathlib.Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps([p.name for p in paths]))
+        dist.destroy_process_group()
+    """))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+                           str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == ["shard-000000.safetensors", "shard-000002.safetensors"]
+    assert json.loads((tmp_path / "rank1.json").read_text()) == ["shard-000001.safetensors", "shard-000003.safetensors"]
+    model = g3n.load(tiny_dir)
+    for i in range(4):
+        shard = load_file(str(out / f"shard-{i:06d}.safetensors"))
+        direct = model.cache(TEXTS[2 * i:2 * i + 2], ["layers.1.ple_out"], verbose=False)
+        assert torch.equal(shard["layers.1.ple_out"], direct["layers.1.ple_out"])
