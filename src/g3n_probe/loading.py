@@ -288,7 +288,7 @@ def load_text_model(
         if isinstance(stub, TowerStub):
             stub.checkpoint_dir = directory
             stub.tensor_files = files
-    if table_device.type == "cpu":
+    if device.type == "cpu":
         _own_host_memory(model)
     table = model.model.language_model.embed_tokens_per_layer
     if table_device != device:
@@ -300,13 +300,17 @@ def load_text_model(
 
 
 def _own_host_memory(model: Any) -> None:
-    """Copy host tensors out of the checkpoint's memory map.
+    """Copy a CPU model's tensors out of the checkpoint's memory map.
 
     On CPU, transformers leaves weights of the checkpoint's dtype as views into the mmapped
     safetensors file, at whatever alignment their file offsets give. BLAS kernels round
     differently for differently aligned operands (a single-row lm_head differed in the last bit
-    from the same weights in an aligned tensor), and a mapped file can change under the model.
-    A fresh allocation per tensor makes the model's arithmetic independent of the file layout.
+    from the same weights in an aligned tensor), so a fresh allocation per tensor makes the
+    model's arithmetic independent of the file layout. The price, on CPU only: every weight is
+    read at load (no lazy paging) and peak RSS briefly holds both copies of a shard's pages. On an
+    accelerator nothing is copied here: a host-resident per-layer table stays memory-mapped, so
+    only the rows a forward gathers are ever paged in (a gather's result does not depend on
+    alignment).
     """
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
