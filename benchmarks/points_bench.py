@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,27 +26,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]],
           repeats: int, warmup: int) -> list[dict]:
-    from g3n_probe.bench import trace_every_point
+    from g3n_probe.bench import median_time, trace_every_point
     from g3n_probe.probe import Gemma3nProbe
     from g3n_probe.synthetic import build_tokenizer, random_model
 
@@ -82,9 +62,9 @@ def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            times[mode] = _time(fn, device, repeats, warmup)
-            if device.type == "cuda":
-                times[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+            times[mode], peak = median_time(fn, device, repeats, warmup)
+            if peak is not None:
+                times[f"{mode}_peak_gib"] = peak / 1024**3
         row = {"model": label, "batch": batch, "tokens": tokens, "seconds": times,
                "ratios": {m: times[m] / times["stock"] for m in ("injected", "trace", "trace_all_saved")}}
         rows.append(row)

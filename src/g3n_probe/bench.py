@@ -47,7 +47,7 @@ def _device_bytes(device: torch.device) -> int | None:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -143,7 +143,7 @@ def run_bench(preset: str, device: str = "cpu", shapes: list[tuple[int, int]] | 
                 with torch.no_grad():
                     module(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
-            seconds, peak = _median_time(forward, dev, repeats, warmup)
+            seconds, peak = median_time(forward, dev, repeats, warmup)
             shape_entry = {"forward_seconds": seconds, "forward_peak_device_bytes": peak}
             if probe is not None:
                 def trace() -> None:
@@ -153,8 +153,8 @@ def run_bench(preset: str, device: str = "cpu", shapes: list[tuple[int, int]] | 
                 def trace_all() -> None:
                     trace_every_point(probe, ids, logits_to_keep=1)
 
-                shape_entry["trace_seconds"], shape_entry["trace_peak_device_bytes"] = _median_time(trace, dev, repeats, 1)
-                shape_entry["trace_all_seconds"], shape_entry["trace_all_peak_device_bytes"] = _median_time(
+                shape_entry["trace_seconds"], shape_entry["trace_peak_device_bytes"] = median_time(trace, dev, repeats, 1)
+                shape_entry["trace_all_seconds"], shape_entry["trace_all_peak_device_bytes"] = median_time(
                     trace_all, dev, max(1, repeats // 2), 1)
             entry["shapes"][f"{batch}x{tokens}"] = shape_entry
             print_fn(json.dumps({"variant": variant, "shape": f"{batch}x{tokens}", **shape_entry}))
