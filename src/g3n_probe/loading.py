@@ -18,6 +18,7 @@ wraps it in the nnsight probe.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -174,12 +175,8 @@ class _CountingHandle:
     def slice(self, key: str) -> Any:
         piece = self._handle.get_slice(key)
         self._report.tensors_read += 1
-        shape = piece.get_shape()
         itemsize = SAFETENSORS_DTYPE_BYTES.get(piece.get_dtype(), 4)
-        numel = 1
-        for size in shape:
-            numel *= size
-        self._report.bytes_read += numel * itemsize
+        self._report.bytes_read += math.prod(piece.get_shape()) * itemsize
         return piece
 
 

@@ -11,7 +11,9 @@ forward is copied; values are routed through the points from outside it:
 * ``method``  an instance-level call-through wrapper on a stock *method* (``altup.predict`` and
               ``altup.correct`` are methods, invisible to module hooks) routes its return value;
 * ``module``  the value already is a stock module's output (``laurel``): its envoy is the point;
-* a few special routes named in the table (``layer_arg``, ``logits``, ``attention``).
+* ``input_inplace`` for an inline value used twice (``resid_mid``): a write is copied into the
+              original tensor so both uses see it;
+* a few special routes named in the table (``method_arg``, ``layer_arg``, ``logits``, ``attention``).
 
 `POINTS` is the single source for injection, ``g3n-probe points``, the README table and the tests.
 Rows are in execution order: inside one trace, nnsight requires access in this order.
