@@ -124,13 +124,13 @@ def audit(model: Any, inputs: str | Sequence[str] | torch.Tensor | None = None) 
 
 
 def _ids(model: Any, prompt: Any) -> torch.Tensor:
-    if isinstance(prompt, torch.Tensor):
-        ids = prompt if prompt.dim() == 2 else prompt[None]
-        if ids.numel() == 0:
-            raise ValueError("an audit prompt has no tokens")
-        return ids
-    encoded = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    specials = set(model.tokenizer.all_special_ids)
-    if not any(int(t) not in specials for t in encoded[0]):
-        raise ValueError(f"prompt {prompt!r} tokenizes to nothing (only special tokens); give some text")
-    return encoded
+    from .cache import encode_inputs
+
+    ids = encode_inputs(model, prompt)[0]
+    if ids.numel() == 0:
+        raise ValueError("an audit prompt has no tokens")
+    if not isinstance(prompt, torch.Tensor):
+        specials = set(model.tokenizer.all_special_ids)
+        if not any(int(t) not in specials for t in ids[0]):
+            raise ValueError(f"prompt {prompt!r} tokenizes to nothing (only special tokens); give some text")
+    return ids

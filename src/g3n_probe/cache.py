@@ -101,7 +101,7 @@ def _envoy(model: Any, point: Point, layer: int | None) -> Any:
     return getattr(model.layers[layer], point.name) if layer is not None else getattr(model, point.name)
 
 
-def _encode(model: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_inputs(model: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(inputs, torch.Tensor):
         ids = inputs if inputs.dim() == 2 else inputs[None]
         return ids, None
@@ -134,7 +134,7 @@ def cache(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int] 
         reason = None if point is _STACK_POINT else _point_reason(model, point)
         if reason:
             raise ValueError(reason)
-    ids, mask = _encode(model, inputs)
+    ids, mask = encode_inputs(model, inputs)
     batch, tokens = ids.shape
     if positions is not None:
         positions = [int(p) for p in positions]

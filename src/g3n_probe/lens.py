@@ -51,9 +51,16 @@ def readout(model: Any, x: torch.Tensor, text_only: bool = False, tokenizer: Any
     cap = text.final_logit_softcapping
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
-    if text_only:
-        logits = logits.masked_fill(~text_vocabulary_mask(model, tokenizer, logits.device), float("-inf"))
-    return logits
+    return mask_non_text(model, logits, tokenizer) if text_only else logits
+
+
+def mask_non_text(model: Any, logits: torch.Tensor, tokenizer: Any = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits`` with every non-text id (see `text_vocabulary_mask`) set to -inf; pass ``mask``
+    to reuse one already built (building it walks the tokenizer's whole vocabulary)."""
+    if mask is None:
+        mask = text_vocabulary_mask(model, tokenizer, logits.device)
+    return logits.masked_fill(~mask.to(logits.device), float("-inf"))
 
 
 def text_vocabulary_mask(model: Any, tokenizer: Any = None, device: torch.device | None = None) -> torch.Tensor:

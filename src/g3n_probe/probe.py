@@ -182,7 +182,8 @@ class Gemma3nProbe(TransformersModel):
         probabilities) that renders as HTML in a notebook and as a table in a terminal.
         ``positions`` (a list of ints, negative from the end) limits the columns.
         """
-        from .lens import LogitLensTable
+        from .cache import encode_inputs
+        from .lens import LogitLensTable, mask_non_text, text_vocabulary_mask
 
         layers = self.text_config.num_hidden_layers
         stacks = []
@@ -190,16 +191,14 @@ class Gemma3nProbe(TransformersModel):
             for i in range(layers):
                 stacks.append(self.layers[i].output.save())
             logits = self.logits.output.save()
-        ids = self._last_input_ids(prompt)
+        ids = encode_inputs(self, prompt)[0]
         length = ids.shape[-1]
         columns = list(range(length)) if positions is None else [p % length for p in positions]
         with torch.no_grad():
-            readouts = [self.lens(stack, text_only=text_only) for stack in stacks]
+            readouts = [self.lens(stack) for stack in stacks] + [logits]
             if text_only:
-                from .lens import text_vocabulary_mask
-
-                logits = logits.masked_fill(~text_vocabulary_mask(self._module, self.tokenizer, logits.device), float("-inf"))
-            readouts.append(logits)
+                mask = text_vocabulary_mask(self._module, self.tokenizer, logits.device)  # built once for all rows
+                readouts = [mask_non_text(self._module, r, mask=mask) for r in readouts]
             probs = torch.stack([r[0, columns].float().softmax(-1) for r in readouts])  # [rows, positions, V]
             top_p, top_i = probs.topk(k, dim=-1)
         decode = lambda t: self.tokenizer.decode([int(t)])  # noqa: E731
@@ -218,11 +217,6 @@ class Gemma3nProbe(TransformersModel):
 
         return cache(self, inputs, points, layers=layers, positions=positions, device=device, dtype=dtype,
                      max_bytes=max_bytes, verbose=verbose)
-
-    def _last_input_ids(self, prompt: Any) -> torch.Tensor:
-        if isinstance(prompt, torch.Tensor):
-            return prompt if prompt.dim() == 2 else prompt[None]
-        return self.tokenizer(prompt, return_tensors="pt")["input_ids"]
 
     # ---- input validation ----
 
