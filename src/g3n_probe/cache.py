@@ -130,8 +130,8 @@ def cache(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int] 
     ``max_bytes``. See the module docstring for names and ``positions``.
     """
     resolved = resolve(model, points, layers)
-    for key, point, _ in resolved:
-        reason = None if point is _STACK_POINT else _point_reason(model, point)
+    for _, point, _ in resolved:
+        reason = _point_reason(model, point)
         if reason:
             raise ValueError(reason)
     ids, mask = encode_inputs(model, inputs)
