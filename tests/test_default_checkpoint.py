@@ -39,6 +39,7 @@ def test_default_is_the_bundled_checkpoint(default):
 def test_model_card_reports_learning():
     card = json.loads((BUNDLED / "training.json").read_text())
     assert card["held_out_loss"] <= 0.5 * card["uniform_loss"]
+    assert card["copy_second_loss"] < 0.5 * card["copy_first_loss"]
     assert (BUNDLED / "README.md").exists()
 
 
@@ -51,8 +52,10 @@ def test_copying_measured_again(default):
         sys.path.pop(0)
     first, second = copying(default._module)
     card = json.loads((BUNDLED / "training.json").read_text())
-    # The card reports what the weights do (copying is weak in this checkpoint: see its README).
-    assert math.isclose(first, card["copy_first_loss"], rel_tol=0.05) and math.isclose(second, card["copy_second_loss"], rel_tol=0.2, abs_tol=0.05)
+    # Training measured in float32; the shipped weights are bfloat16, so allow a little drift.
+    assert math.isclose(first, card["copy_first_loss"], rel_tol=0.05)
+    assert math.isclose(second, card["copy_second_loss"], rel_tol=0.1, abs_tol=0.1)
+    assert second < 0.5 * first
 
 
 def test_it_predicts_python(default):
