@@ -83,8 +83,11 @@ def train_tokenizer(files: list[Path]):
 def model_config():
     from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
 
+    from g3n_probe.synthetic import _vocab_layout
+
+    ids = _vocab_layout(text_vocab=TEXT_VOCAB, soft_vocab=SOFT_VOCAB)
     text = Gemma3nTextConfig(
-        vocab_size=TEXT_VOCAB + 2 * SOFT_VOCAB, vocab_size_per_layer_input=TEXT_VOCAB, hidden_size=128,
+        vocab_size=ids["vocab_size"], vocab_size_per_layer_input=TEXT_VOCAB, hidden_size=128,
         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
         hidden_size_per_layer_input=32, laurel_rank=16, sliding_window=64, intermediate_size=[512] * 6,
         activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
@@ -94,11 +97,10 @@ def model_config():
     )
     config = Gemma3nConfig(
         text_config=text,
-        vision_config=Gemma3nVisionConfig(vocab_offset=TEXT_VOCAB, vocab_size=SOFT_VOCAB, hidden_size=64),
-        audio_config=Gemma3nAudioConfig(vocab_offset=TEXT_VOCAB + SOFT_VOCAB, vocab_size=SOFT_VOCAB, hidden_size=64,
+        vision_config=Gemma3nVisionConfig(vocab_offset=ids["vision_offset"], vocab_size=SOFT_VOCAB, hidden_size=64),
+        audio_config=Gemma3nAudioConfig(vocab_offset=ids["audio_offset"], vocab_size=SOFT_VOCAB, hidden_size=64,
                                         conf_num_hidden_layers=1, conf_num_attention_heads=2),
-        boi_token_id=TEXT_VOCAB - 2, boa_token_id=TEXT_VOCAB - 1, eoi_token_id=TEXT_VOCAB,
-        image_token_id=TEXT_VOCAB + 1, eoa_token_id=TEXT_VOCAB + SOFT_VOCAB, audio_token_id=TEXT_VOCAB + SOFT_VOCAB + 1,
+        **{k: v for k, v in ids.items() if k.endswith("token_id")},
     )
     config.architectures = ["Gemma3nForConditionalGeneration"]
     return config
