@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import g3n_probe as g3n
+from g3n_probe.ple import is_host_resident
 from reference import capture, edited, stock_forward
 
 
@@ -16,7 +17,7 @@ def host_probe(tiny_dir):
 
 def test_host_lookup_is_installed_and_exact(host_probe, stock, ids):
     table = host_probe._module.model.language_model.embed_tokens_per_layer
-    assert table.__dict__.get("_g3n_host_resident")
+    assert is_host_resident(table) is not None
     assert table.weight.device.type == "cpu"
     with host_probe.trace(ids):
         tokens = host_probe.ple_tokens.output.save()

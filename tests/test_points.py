@@ -26,8 +26,8 @@ def _edit(value: torch.Tensor) -> torch.Tensor:
 
 def test_untouched_logits_are_bit_identical(probe, stock, ids):
     with probe.trace(ids):
+        output = probe.output.logits.save()  # the root's output comes before the logits point
         logits = probe.logits.output.save()
-        output = probe.output.logits.save()
     expected = stock_forward(stock, ids).logits
     assert torch.equal(logits, expected)
     assert torch.equal(output, expected)
@@ -75,9 +75,12 @@ def test_attn_pattern_read_eager(probe_eager, stock_eager, ids, layer):
 @pytest.mark.parametrize("name", MODEL)
 def test_model_point_write(probe, stock, ids, name):
     with probe.trace(ids):
+        output = probe.output.save() if name == "logits" else None  # served before the logits point
         envoy = _envoy(probe, name, None)
         envoy.output = _edit(envoy.output)
-        logits = probe.output.logits.save()
+        if output is None:
+            output = probe.output.save()
+    logits = output.logits
     with edited(stock, name, None, _edit):
         expected = stock_forward(stock, ids).logits
     assert torch.equal(logits, expected)

@@ -11,9 +11,9 @@
 from . import matformer, synthetic
 from .audit import AuditReport, audit
 from .cache import ActivationCache, cache_dataset
-from .loading import CheckpointError, LoadReport
-from .points import POINTS, HookPoint, Point, PointWriteError
-from .probe import Gemma3nProbe, load
+from .loading import CheckpointError, LoadReport, load
+from .points import POINTS, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
+from .probe import Gemma3nProbe
 from .towers import TowerNotLoadedError
 
 __all__ = [
@@ -26,10 +26,13 @@ __all__ = [
     "CheckpointError",
     "Gemma3nProbe",
     "HookPoint",
+    "Injection",
+    "InjectionError",
     "LoadReport",
     "Point",
     "PointWriteError",
     "TowerNotLoadedError",
+    "inject",
     "load",
     "synthetic",
 ]

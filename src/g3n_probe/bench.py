@@ -65,21 +65,20 @@ def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmu
 
 def trace_every_point(probe: Any, ids: torch.Tensor, **trace_kwargs: Any) -> None:
     """One trace that saves every point of every layer (and the layer stacks), in table order."""
-    from .points import LAYER_POINTS, MODEL_POINTS
+    from .points import AFTER_LAYERS, BEFORE_LAYERS, LAYER_POINTS
 
-    eager = probe.text_config._attn_implementation == "eager"
-    names = [p.name for p in LAYER_POINTS if p.needs is None or eager]
-    first_layer_point = next(i for i, p in enumerate(MODEL_POINTS) if p.name == "streams_merged")
+    names = [p.name for p in LAYER_POINTS if probe.injection.unavailable(p) is None]
     with torch.no_grad(), probe.trace(ids, **trace_kwargs):
-        for point in MODEL_POINTS[:first_layer_point]:
+        for point in BEFORE_LAYERS:
             getattr(probe, point.name).output.save()
         for i in range(probe.text_config.num_hidden_layers):
             probe.layers[i].input.save()
             for name in names:
                 getattr(probe.layers[i], name).output.save()
             probe.layers[i].output.save()
-        for point in MODEL_POINTS[first_layer_point:]:
-            getattr(probe, point.name).output.save()
+        for point in AFTER_LAYERS:
+            if probe.injection.unavailable(point) is None:
+                getattr(probe, point.name).output.save()
 
 
 def _build(variant: str, preset: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:

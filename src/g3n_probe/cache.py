@@ -19,9 +19,11 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ._util import atomic_write
-from .points import POINTS, Point, concrete_shape
+from .points import LAYER, POINTS, ModuleItself, Point, concrete_shape
 
-_STACK_POINT = Point("stack", "layer", "[S,B,T,D]", "", "", "", "", stack=True)
+# The decoder layer's own .input / .output: the layer module is the place, so no route attaches.
+_STACK_POINT = Point("stack", LAYER, "[S,B,T,D]", "decoder layer", "the stream stack entering or leaving the layer",
+                     ModuleItself(""), stack=True)
 LAYER_STACKS = {"input": _STACK_POINT, "output": _STACK_POINT}
 
 
@@ -163,10 +165,7 @@ def cache(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int] 
 
 def _point_reason(model: Any, point: Point) -> str | None:
     """Why a point never fires in this model (``attn_pattern`` under sdpa), or None."""
-    from .points import HookPoint
-
-    module = model._module.model.language_model.layers[0]._modules.get(point.name)
-    return module.available() if isinstance(module, HookPoint) else None
+    return model.injection.unavailable(point)
 
 
 # ---- datasets ---------------------------------------------------------------------------------------

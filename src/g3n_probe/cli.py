@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from . import arch
+
 
 
 def _make_console() -> Console:
@@ -99,13 +101,11 @@ def loaded_components(config: Any, dtype_bytes: int) -> dict[str, dict[str, int]
 
 def layer_rows(config: Any) -> list[dict[str, Any]]:
     text = config.get_text_config()
-    modes = text.kv_sharing_modes
+    modes, sources = text.kv_sharing_modes, arch.kv_sources(text)
     rows = []
     for i in range(text.num_hidden_layers):
         kind = text.layer_types[i]
-        source = None
-        if modes[i] == "reuse":
-            source = max(j for j in range(i) if modes[j] == "store" and text.layer_types[j] == kind)
+        source = sources.get(i)
         rows.append({
             "layer": i, "attention": kind.replace("_attention", ""),
             "kv": modes[i] or "own", "kv_source": source,
@@ -160,8 +160,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     from .points import POINTS, concrete_shape
 
     config = read_config(resolve_source(args.source)) if args.source or not args.symbolic else None
-    table = Table(title="Intervention points (inside one trace, access them in this order)")
-    for column in ("where", "name", "shape", "value", "produced at", "writable"):
+    table = Table(title="Intervention points, all writable (inside one trace, access them in this order)")
+    for column in ("where", "name", "shape", "value", "produced at"):
         table.add_column(column)
     for point in POINTS:
         where = "model.layers[i]" if point.scope == "layer" else "model"
@@ -169,7 +169,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         if config is not None:
             shape = f"{point.shape} = {list(concrete_shape(point, config, args.batch, args.tokens))}"
         note = " (eager attention only)" if point.needs == "eager" else ""
-        table.add_row(where, point.name, shape, point.meaning + note, point.produced, "yes" if point.writable else "no")
+        table.add_row(where, point.name, shape, point.meaning + note, point.produced)
     console.print(table)
     if config is not None:
         rows = layer_rows(config)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .arch import text_model
+
 
 def _merge_streams(language_model: Any, stack: torch.Tensor) -> torch.Tensor:
     """[S,B,T,D] -> [B,T,D] exactly as ``Gemma3nTextModel.forward`` merges after its last layer."""
@@ -35,7 +37,7 @@ def readout(model: Any, x: torch.Tensor, text_only: bool = False, tokenizer: Any
     that are not text — vision and audio soft tokens, and the tokenizer's reserved ``<unused…>``
     ids — are set to -inf, so top-k readouts only name text tokens.
     """
-    language_model = model.model.language_model
+    language_model = text_model(model)
     text = model.config.get_text_config()
     if x.dim() == 4:
         if x.shape[0] != text.altup_num_inputs:

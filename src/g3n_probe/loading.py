@@ -125,7 +125,6 @@ def weight_map(directory: Path) -> dict[str, str]:
         return dict(mapping)
     single = directory / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
 
         with _open(single) as handle:
             return {key: single.name for key in handle.keys()}
@@ -332,3 +331,64 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
             raise ValueError(f"unknown dtype {dtype!r}")
         return resolved
     return dtype
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    ple_device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+    altup_clip: str = "stock",
+    tokenizer: Any = None,
+):
+    """Load a Gemma 3n checkpoint text-only and return it as a `g3n_probe.Gemma3nProbe`.
+
+    Args:
+        source: a local checkpoint directory, or a hub id already in the local Hugging Face cache;
+            ``None`` loads the bundled default (a small trained Gemma 3n shipped in the package).
+        device: ``None`` picks cuda when available, else cpu.
+        dtype: ``None`` picks bfloat16 on cuda, float32 on cpu.
+        ple_device: where the per-layer-embedding table lives. ``None``: the host ("cpu") when the
+            model is on an accelerator (only the looked-up rows travel; see `g3n_probe.ple`),
+            otherwise the model's device.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed for ``attn_pattern``).
+        altup_clip: ``"stock"`` (default) leaves AltUp coefficients as stored, as transformers does in
+            eval mode; ``"reference"`` clips them once to ±``altup_coef_clip``, which is what Google's
+            reference implementation's per-forward clip amounts to (see `g3n_probe.audit`).
+        tokenizer: a tokenizer object, or a path to load one from; ``None`` loads the checkpoint's own
+            if it has tokenizer files. Without any, token-id tensors work and text input says so.
+    """
+    from .probe import Gemma3nProbe
+
+    if altup_clip not in ("stock", "reference"):
+        raise ValueError(f"altup_clip={altup_clip!r}: choose 'stock' or 'reference'")
+    tokenizer = _resolve_tokenizer(tokenizer)
+    module, report = load_text_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                     ple_device=ple_device)
+    if altup_clip == "reference":
+        from .audit import clip_coefficients
+
+        report.clipped_coefficients = clip_coefficients(module)
+    if tokenizer is None and _has_tokenizer_files(report.source):
+        tokenizer = _resolve_tokenizer(report.source)
+    return Gemma3nProbe(module, tokenizer=tokenizer, load_report=report)
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return (directory / "tokenizer.json").exists() or (directory / "tokenizer.model").exists()
+
+
+def _resolve_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as given; a path loaded with ``AutoTokenizer``; None stays None."""
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir() or not _has_tokenizer_files(path):
+        raise CheckpointError(f"tokenizer={str(tokenizer)!r}: no tokenizer files (tokenizer.json or tokenizer.model) there")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - tokenizers raise many types for a broken file
+        raise CheckpointError(f"the tokenizer in {path} cannot be read: {type(error).__name__}: {error}") from None

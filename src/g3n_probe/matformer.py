@@ -20,18 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
+from . import arch
+
 PRESETS = {"e2b": {"layers_to_skip": list(range(20, 25)), "ffn_width": 8192, "parent_layers": 35}}
-
-
-def _kv_sources(text: Any) -> dict[int, int]:
-    """reuse layer -> the store layer whose K/V it reads."""
-    modes = text.kv_sharing_modes
-    sources = {}
-    for i, mode in enumerate(modes):
-        if mode == "reuse":
-            kind = text.layer_types[i]
-            sources[i] = max(j for j in range(i) if modes[j] == "store" and text.layer_types[j] == kind)
-    return sources
 
 
 def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | Sequence[int] | None = None):
@@ -48,7 +39,7 @@ def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths:
     modes = text.kv_sharing_modes
     stores = [i for i in skip if modes[i] == "store"]
     if stores:
-        readers = {s: [r for r, src in _kv_sources(text).items() if src == s] for s in stores}
+        readers = {s: arch.kv_readers(text, s) for s in stores}
         raise ValueError(f"layers {stores} are KV 'store' layers (read by {readers}); a sub-model cannot skip them")
     if ffn_widths is None:
         widths = [text.intermediate_size[i] for i in kept]
@@ -70,8 +61,8 @@ def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths:
     sub_text.activation_sparsity_pattern = [text.activation_sparsity_pattern[i] for i in kept]
     sub_text.num_kv_shared_layers = sum(1 for i in kept if modes[i] == "reuse")
     position = {parent: child for child, parent in enumerate(kept)}
-    parent_sources = _kv_sources(text)
-    for child, source in _kv_sources(sub_text).items():
+    parent_sources = arch.kv_sources(text)
+    for child, source in arch.kv_sources(sub_text).items():
         if position.get(parent_sources.get(kept[child], -1)) != source:
             raise ValueError(f"skipping {skip} would make layer {kept[child]} read K/V from parent layer "
                              f"{kept[source]} instead of {parent_sources.get(kept[child])}")
@@ -117,7 +108,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
     FFN 8192) and needs an E4B-shaped parent.
     """
     from ._util import build_text_only
-    from .ple import host_resident
+    from .ple import host_resident, is_host_resident
     from .probe import Gemma3nProbe
 
     parent = model._module
@@ -146,7 +137,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
     child_table = child.model.language_model.embed_tokens_per_layer
     if table.weight.device != device:
         child_table.to(table.weight.device)
-    if table.__dict__.get("_g3n_host_resident"):
+    if is_host_resident(table):
         host_resident(child_table, device)
     child.eval()
     return Gemma3nProbe(child, tokenizer=model.tokenizer)

@@ -9,16 +9,19 @@ invokes, generation, sessions, caching and gradients are nnsight's own.
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from nnsight.intervention.batching import Batcher, SkipParts
 from nnsight.intervention.envoy import Envoy, traceable
+from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.modeling.transformers import TransformersModel
-from torch._subclasses.fake_tensor import FakeTensor
 
-from .points import POINTS, HookPoint, PointWriteError, batch_dim, mark_stack
+from . import arch
+from ._compat import FakeTensor
+from .points import POINTS, HookPoint, Injection, PointWriteError, batch_dim, inject, mark_stack
 
 
 class StreamBatcher(Batcher):
@@ -104,16 +107,45 @@ class LayerEnvoy(Envoy):
     def skip(self, replacement: Any) -> None:
         layer = self._module
         config = layer.config
-        modes = config.kv_sharing_modes
-        if modes[layer.layer_idx] == "store":
+        if arch.is_kv_store(config, layer.layer_idx):
             kind = config.layer_types[layer.layer_idx]
-            readers = [i for i, m in enumerate(modes) if m == "reuse" and config.layer_types[i] == kind]
             raise ValueError(
-                f"layer {layer.layer_idx} is the KV 'store' layer for {kind}: layers {readers} reuse its keys "
-                "and values, so skipping it would leave them nothing to attend to (transformers fails with "
-                "a KeyError). Skip another layer, or edit this layer's points instead."
+                f"layer {layer.layer_idx} is the KV 'store' layer for {kind}: layers "
+                f"{arch.kv_readers(config, layer.layer_idx)} reuse its keys and values, so skipping it would leave "
+                "them nothing to attend to (transformers fails with a KeyError). Skip another layer, or edit this "
+                "layer's points instead."
             )
         super().skip(replacement)
+
+
+class Layers:
+    """``model.layers``: the decoder layers' envoys, indexed like a list (negative indices and slices
+    too), with an `IndexError` that says how many layers there are."""
+
+    def __init__(self, envoy: Envoy, count: int) -> None:
+        self._envoy = envoy
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Envoy]:
+        return (self._envoy[i] for i in range(self._count))
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._envoy[i] for i in range(*index.indices(self._count))]
+        try:
+            position = operator.index(index)
+        except TypeError:
+            raise TypeError(f"layer indices are integers or slices, not {type(index).__name__}") from None
+        if not -self._count <= position < self._count:
+            raise IndexError(f"layer {position} is out of range: this model has {self._count} layers "
+                             f"(0..{self._count - 1}, or -{self._count}..-1 from the end)")
+        return self._envoy[position % self._count]
+
+    def __repr__(self) -> str:
+        return f"<{self._count} Gemma 3n decoder layers>"
 
 
 def _envoy_classes() -> dict:
@@ -122,31 +154,68 @@ def _envoy_classes() -> dict:
     return {HookPoint: PointEnvoy, Gemma3nTextDecoderLayer: LayerEnvoy}
 
 
+@dataclass
+class _ModelOnly:
+    """What nnsight reads off its transformers pipeline (``.model``, ``.task``), without one."""
+
+    model: torch.nn.Module
+    task: str
+
+    @staticmethod
+    def _sanitize_parameters(**kwargs: Any) -> tuple[dict, dict, dict]:
+        return {}, kwargs, {}  # every keyword goes to the model's forward
+
+
 class Gemma3nProbe(TransformersModel):
     """A text-only Gemma 3n under nnsight, with every intervention point of `g3n_probe.points.POINTS`.
 
-    Build it with `g3n_probe.load`. Per-layer points live under ``model.layers[i]``; model-level
-    points are attributes of the model (``model.embed``, ``model.logits``, ...). Stock module paths
+    Build it with `g3n_probe.load`, or wrap a stock model you loaded yourself:
+    ``Gemma3nProbe(model)`` injects the points first unless `g3n_probe.inject` already did. Per-layer
+    points live under ``model.layers[i]``; model-level points are attributes of the model
+    (``model.embed``, ``model.logits``, ...). Stock module paths
     (``model.model.language_model.layers[i].mlp``) and ``.source`` work as in nnsight.
     """
 
     _batcher_class = StreamBatcher
 
     def __init__(self, module: torch.nn.Module, tokenizer: Any = None, load_report: Any = None, **kwargs: Any) -> None:
-        from .points import inject
-
-        if not getattr(module, "_g3n_injected", False):
-            inject(module)
+        injection = Injection.of(module) or inject(module)
         kwargs.setdefault("envoys", _envoy_classes())
         super().__init__(module, tokenizer=tokenizer, task="text-generation", **kwargs)
+        self.injection = injection
         self.load_report = load_report
+
+    def _wrap(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        if self.tokenizer is not None:
+            return super()._wrap(module, *args, **kwargs)
+        # Without a tokenizer nnsight's transformers pipeline cannot be built (it insists on one, or
+        # loads one from the config's path). Token ids need none of it: a stand-in carries the model.
+        self.pipeline = _ModelOnly(module, self.task)
+        return module
 
     # ---- accessors ----
 
     @property
-    def layers(self) -> Envoy:
+    def text_model(self) -> Envoy:
+        """The envoy of the ``Gemma3nTextModel`` (wherever the stock class keeps it)."""
+        envoy: Any = self
+        for part in filter(None, self.injection.text_path.split(".")):
+            envoy = getattr(envoy, part)
+        return envoy
+
+    @property
+    def layers(self) -> Layers:
         """The decoder layers' envoys; per-layer points are attributes of each."""
-        return self.model.language_model.layers
+        layers = self.__dict__.get("_layers")
+        if layers is None:  # built once: a trace reads it for every point it touches
+            stock = self.__dict__.get("_layers_envoy") if not self.injection.text_path else self.text_model.layers
+            layers = self.__dict__["_layers"] = Layers(stock, self.text_config.num_hidden_layers)
+        return layers
+
+    @layers.setter
+    def layers(self, envoy: Envoy) -> None:
+        # nnsight sets an envoy per child module: a Gemma3nTextModel root has its own `layers`.
+        self.__dict__["_layers_envoy"] = envoy
 
     @property
     def text_config(self) -> Any:
@@ -243,6 +312,19 @@ class Gemma3nProbe(TransformersModel):
             self._check_ids(inputs[0])
         self._check_ids(kwargs.get("input_ids"))
 
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        if self.tokenizer is None and inputs and isinstance(inputs[0], (str, list)) and \
+                any(isinstance(item, str) for item in ([inputs[0]] if isinstance(inputs[0], str) else inputs[0])):
+            raise ValueError("this model has no tokenizer, so it takes token ids (an integer tensor [batch, tokens]), "
+                             "not text: pass tokenizer=... to g3n.load or Gemma3nProbe")
+        return super()._batch_size(*inputs, **kwargs)
+
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().interleave(fn, *args, **kwargs)
+        except OutOfOrderError as error:
+            raise self.injection.explain(error) from None
+
     def _call(self, *inputs: Any, **kwargs: Any) -> Any:
         self._validate(inputs, kwargs)
         # A trace is one forward: a KV cache would only cost memory (pass use_cache=True to keep one).
@@ -250,7 +332,12 @@ class Gemma3nProbe(TransformersModel):
         if "logits_to_keep" in kwargs:
             ids = kwargs.get("input_ids", inputs[0] if inputs else None)
             kwargs["logits_to_keep"] = self._positions(kwargs["logits_to_keep"], ids)
-        return super()._call(*inputs, **kwargs)
+        self.injection.served.clear()
+        try:
+            return super()._call(*inputs, **kwargs)
+        except BaseException:
+            self.injection.reset()  # an interrupted forward leaves nothing behind
+            raise
 
     def _positions(self, keep: Any, ids: Any) -> Any:
         """Validate the lean readout: ``logits_to_keep`` = n (the last n positions; 0 = all) or a
@@ -291,49 +378,3 @@ class Gemma3nProbe(TransformersModel):
         tower = materialize(current, dtype=reference.dtype, device=reference.device)
         self.model._add_envoy(f"{kind}_tower", tower)
         return tower
-
-
-def load(
-    source: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    ple_device: str | torch.device | None = None,
-    attn_implementation: str = "sdpa",
-    altup_clip: str = "stock",
-) -> Gemma3nProbe:
-    """Load a Gemma 3n checkpoint text-only and return it as a `Gemma3nProbe`.
-
-    Args:
-        source: a local checkpoint directory, or a hub id already in the local Hugging Face cache;
-            ``None`` loads the bundled default (the tiny synthetic checkpoint, made on first use).
-        device: ``None`` picks cuda when available, else cpu.
-        dtype: ``None`` picks bfloat16 on cuda, float32 on cpu.
-        ple_device: where the per-layer-embedding table lives. ``None``: the host ("cpu") when the
-            model is on an accelerator (only the looked-up rows travel; see `g3n_probe.ple`),
-            otherwise the model's device.
-        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed for ``attn_pattern``).
-        altup_clip: ``"stock"`` (default) leaves AltUp coefficients as stored, as transformers does in
-            eval mode; ``"reference"`` clips them once to ±``altup_coef_clip``, which is what Google's
-            reference implementation's per-forward clip amounts to (see `g3n_probe.audit`).
-    """
-    from .loading import load_text_model
-
-    if altup_clip not in ("stock", "reference"):
-        raise ValueError(f"altup_clip={altup_clip!r}: choose 'stock' or 'reference'")
-    module, report = load_text_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                     ple_device=ple_device)
-    if altup_clip == "reference":
-        from .audit import clip_coefficients
-
-        report.clipped_coefficients = clip_coefficients(module)
-    return Gemma3nProbe(module, tokenizer=_load_tokenizer(report.source), load_report=report)
-
-
-def _load_tokenizer(directory: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    from .loading import CheckpointError
-
-    if not ((directory / "tokenizer.json").exists() or (directory / "tokenizer.model").exists()):
-        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
-    return AutoTokenizer.from_pretrained(directory)
