@@ -119,3 +119,122 @@ def test_cache_dataset_under_torchrun(tiny_dir, tmp_path):
         shard = load_file(str(out / f"shard-{i:06d}.safetensors"))
         direct = model.cache(TEXTS[2 * i:2 * i + 2], ["layers.1.ple_out"], verbose=False)
         assert torch.equal(shard["layers.1.ple_out"], direct["layers.1.ple_out"])
+
+
+# ---- a cache directory identifies its model completely; shards are verified ----------------------------
+
+
+def _run(model, out, texts=TEXTS, **kwargs):
+    kwargs.setdefault("batch_size", 3)
+    return g3n.cache_dataset(model, texts, ["layers.1.ple_out"], out, progress=False, **kwargs)
+
+
+def test_weights_digest_sees_one_changed_weight(probe):
+    import copy
+
+    from g3n_probe.cache import weights_digest
+
+    module = probe._module
+    clone = copy.deepcopy(module)
+    assert weights_digest(clone) == weights_digest(module)
+    with torch.no_grad():
+        clone.model.language_model.layers[5].mlp.down_proj.weight[7, 3] += 1e-3
+    assert weights_digest(clone) != weights_digest(module)
+    swapped = copy.deepcopy(module)
+    with torch.no_grad():
+        weight = swapped.model.language_model.layers[5].mlp.down_proj.weight
+        weight[[0, 1]] = weight[[1, 0]].clone()
+    assert weights_digest(swapped) != weights_digest(module)
+
+
+def test_resume_refuses_another_model_naming_what_differs(probe, tiny_dir, tmp_path):
+    out = tmp_path / "acts"
+    _run(probe, out)
+    other = g3n.load(tiny_dir)
+    with torch.no_grad():
+        other._module.model.language_model.layers[5].mlp.down_proj.weight[0, 0] += 0.5
+    with pytest.raises(ValueError, match="the model's weights differ"):
+        _run(other, out)
+    with pytest.raises(ValueError, match="the positions"):
+        _run(probe, out, positions=[-1])
+    with pytest.raises(ValueError, match="the dtype"):
+        _run(probe, out, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "no record", "deleted"])
+def test_damaged_shards_are_recomputed_never_counted_as_done(probe, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    reference = _run(probe, tmp_path / "reference")
+    out = tmp_path / "acts"
+    paths = _run(probe, out)
+    victim = paths[1]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    elif damage == "empty":
+        victim.write_bytes(b"")
+    elif damage == "foreign":
+        save_file({"layers.1.ple_out": torch.zeros(3, 4, 64)}, str(victim))
+    elif damage == "no record":
+        victim.with_name(victim.name + ".json").unlink()
+    else:
+        victim.unlink()
+    with pytest.warns(UserWarning, match=rf"{victim.name} .*recomputing it"):
+        _run(probe, out)
+    for ours, theirs in zip(paths, reference):
+        assert load_file(str(ours)).keys() == load_file(str(theirs)).keys()
+        for key, value in load_file(str(ours)).items():
+            assert torch.equal(value, load_file(str(theirs))[key]), (ours.name, key)
+
+
+def test_leftover_temporary_files_are_removed(probe, tmp_path):
+    out = tmp_path / "acts"
+    _run(probe, out)
+    leftovers = [out / ".shard-000001.safetensors.abc123.tmp", out / ".manifest.json.xyz.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
+    _run(probe, out)
+    assert not any(leftover.exists() for leftover in leftovers)
+
+
+@pytest.mark.parametrize("texts,batch_size,error", [
+    ("one long string", 2, "texts must be a list of strings"),
+    ([], 2, "texts is empty"),
+    (["fine", 3], 2, "entries \\[1\\]"),
+    (TEXTS, -1, "batch_size must be a positive integer"),
+    (TEXTS, 0, "batch_size must be a positive integer"),
+    (TEXTS, True, "batch_size must be a positive integer"),
+])
+def test_bad_arguments_fail_before_any_file_is_written(probe, tmp_path, texts, batch_size, error):
+    out = tmp_path / "acts"
+    with pytest.raises((TypeError, ValueError), match=error):
+        g3n.cache_dataset(probe, texts, ["layers.1.ple_out"], out, batch_size=batch_size, progress=False)
+    assert not out.exists()
+
+
+def test_a_run_failing_before_its_first_shard_leaves_the_directory_as_found(probe, tmp_path, monkeypatch):
+    from g3n_probe import cache as cache_module
+
+    out = tmp_path / "acts"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(cache_module, "cache", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _run(probe, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    paths = _run(probe, out, batch_size=2)  # the corrected rerun is not refused as "a different cache"
+    assert all(p.exists() for p in paths)
+
+
+def test_resume_refuses_another_tokenizer(probe, tiny_dir, tmp_path):
+    out = tmp_path / "acts"
+    _run(probe, out)
+    other = g3n.load(tiny_dir)
+    other.tokenizer.add_tokens(["<g3n_extra>"])
+    with pytest.raises(ValueError, match="the tokenizer differ"):
+        _run(other, out)

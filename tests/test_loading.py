@@ -354,3 +354,96 @@ def test_missing_text_shard(tiny_dir, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"{shard.name} is missing"):
         g3n.load(ckpt)
+
+
+# ---- every bad input is named before anything is built --------------------------------------------
+
+
+def _edit_index(ckpt: Path, edit) -> None:
+    index_file = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    edit(index)
+    index_file.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_index_entries_outside_the_checkpoint_are_refused(tiny_dir, tmp_path, where):
+    ckpt = _copy(tiny_dir, tmp_path / "c")
+    shard = _text_shard(ckpt)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(shard, outside)
+    target = str(outside) if where == "absolute" else "../elsewhere.safetensors"
+    key = "model.language_model.embed_tokens.weight"
+    _edit_index(ckpt, lambda index: index["weight_map"].__setitem__(key, target))
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        g3n.load(ckpt)
+
+
+@pytest.mark.parametrize("weight_map,message", [
+    (["a", "b"], "weight_map must map tensor names to shard files; got a list"),
+    ({"model.language_model.norm.weight": 3}, r"weight_map\['model.language_model.norm.weight'\] must be a shard file name"),
+])
+def test_malformed_weight_maps_are_named(tiny_dir, tmp_path, weight_map, message):
+    ckpt = _copy(tiny_dir, tmp_path / "c")
+    _edit_index(ckpt, lambda index: index.__setitem__("weight_map", weight_map))
+    with pytest.raises(CheckpointError, match=message):
+        g3n.load(ckpt)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_hidden_layers", 20000, "num_hidden_layers is 20000"),
+    ("num_hidden_layers", 7, "declares num_hidden_layers=7, but the weights hold layers 0..5"),
+    ("hidden_size", -64, "hidden_size must be a positive integer"),
+    ("altup_active_idx", 9, "altup_active_idx is 9"),
+    ("intermediate_size", [64, 64], "intermediate_size has 2 entries"),
+    ("num_kv_shared_layers", 6, "num_kv_shared_layers is 6"),
+])
+def test_insane_configs_are_refused_naming_file_and_key(tiny_dir, tmp_path, key, value, message):
+    import time
+
+    ckpt = _copy(tiny_dir, tmp_path / "c")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"][key] = value
+    if key == "num_hidden_layers" and value == 7:
+        for per_layer in ("layer_types", "intermediate_size", "activation_sparsity_pattern"):
+            config["text_config"][per_layer] = config["text_config"][per_layer] + config["text_config"][per_layer][-1:]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message) as raised:
+        g3n.load(ckpt)
+    assert "config.json" in str(raised.value) or "declares" in str(raised.value)
+    assert time.perf_counter() - start < 30  # refused before building anything (it once took 211 s)
+
+
+@pytest.mark.parametrize("content,message", [("{}", "not a tokenizer definition"), ("{not json", "not valid JSON")])
+def test_broken_tokenizer_files_are_named(tiny_dir, tmp_path, content, message):
+    ckpt = _copy(tiny_dir, tmp_path / "c")
+    (ckpt / "tokenizer.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"tokenizer.json.*{message}|{message}"):
+        g3n.load(ckpt)
+
+
+def test_integer_stored_weights_are_refused_not_cast(tiny_dir, tmp_path):
+    ckpt = _copy(tiny_dir, tmp_path / "c")
+    shard = _text_shard(ckpt)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(shard))
+    key = "model.language_model.embed_tokens.weight"
+    tensors[key] = tensors[key].to(torch.int64)
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match=rf"{key} in .* is stored as I64.*refusing to cast"):
+        g3n.load(ckpt)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"device": "meta"}, "device='meta' is not supported: g3n_probe loads onto cpu, cuda"),
+    ({"device": "mps"}, "device='mps' is not supported"),
+    ({"device": "gpu"}, "device='gpu' is not a device"),
+    ({"dtype": torch.float8_e4m3fn}, "not supported: choose one of float32, bfloat16, float16"),
+    ({"dtype": "int8"}, "not supported: choose one of"),
+    ({"dtype": "nonsense"}, "not supported: choose one of"),
+])
+def test_unsupported_devices_and_dtypes_list_the_supported_ones(tiny_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        g3n.load(tiny_dir, **kwargs)

@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -170,14 +172,64 @@ def _point_reason(model: Any, point: Point) -> str | None:
 
 # ---- datasets ---------------------------------------------------------------------------------------
 
+MANIFEST = "manifest.json"
+_CHECKSUM_CHUNK = 1 << 22  # words per step of the weight checksum
 
-def _fingerprint(model: Any) -> str:
-    digest = hashlib.sha256(model._module.config.to_json_string(use_diff=False).encode())
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer: name, dtype, shape and every byte of the values.
+
+    Computed where each tensor lives (no copy to the host): per tensor, the plain and the
+    position-weighted sums of its 32-bit words, so any changed value, and any two swapped ones,
+    change the digest. A fingerprint against mixing models, not a cryptographic hash.
+    """
+    digest = hashlib.sha256()
+    weights: dict[torch.device, torch.Tensor] = {}
     with torch.no_grad():
-        for name, param in list(model._module.named_parameters())[:8]:
-            digest.update(name.encode())
-            digest.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            if tensor.numel() == 0 or tensor.is_meta:
+                continue
+            data = tensor.detach().contiguous().view(-1).view(torch.uint8)
+            if data.numel() % 4:
+                data = torch.cat([data, data.new_zeros(4 - data.numel() % 4)])
+            words = data.view(torch.int32)
+            if tensor.device not in weights:
+                weights[tensor.device] = torch.arange(1, _CHECKSUM_CHUNK + 1, dtype=torch.int32, device=tensor.device)
+            ramp = weights[tensor.device]
+            plain = weighted = torch.zeros((), dtype=torch.int64, device=tensor.device)
+            for k, chunk in enumerate(words.split(_CHECKSUM_CHUNK)):
+                total = chunk.sum(dtype=torch.int64)
+                plain = plain + total
+                # int32 products wrap around, which a checksum can afford; sums are exact in int64
+                weighted = weighted + (chunk * ramp[: chunk.numel()]).sum(dtype=torch.int64) + total * (k + 1)
+            digest.update(f"{int(plain)},{int(weighted)};".encode())
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str | None:
+    """A digest of the tokenizer's full definition (vocabulary, merges, normalisation, special tokens)."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        for per_call in ("padding", "truncation"):  # transformers sets these on every call
+            definition.pop(per_call, None)
+        text = json.dumps(definition, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    side = getattr(tokenizer, "padding_side", "")
+    return hashlib.sha256(f"{text}|{special}|{side}".encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -192,58 +244,203 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def _check_dataset_arguments(texts: Any, points: Any, batch_size: Any, positions: Any, dtype: Any,
+                             out: Path) -> list[str]:
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list of strings, not a {type(texts).__name__} "
+                        "(a single string would be cached one character at a time: wrap it in a list)")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to cache: texts is empty")
+    bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text]
+    if bad:
+        raise TypeError(f"texts must be non-empty strings; entries {bad[:10]} are not")
+    if isinstance(points, str) or not isinstance(points, Sequence) or not points:
+        raise TypeError("points must be a non-empty list of point names (for example ['ple_out'])")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if positions is not None and (isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence)
+                                  or not positions or not all(isinstance(p, int) and not isinstance(p, bool)
+                                                              for p in positions)):
+        raise TypeError(f"positions must be a non-empty list of integers (negative counts from the end); got {positions!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, …); got {dtype!r}")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a directory")
+    return texts
+
+
+def _identity(model: Any, texts: list[str], keys: list[str], batch_size: int, positions: Any,
+              dtype: torch.dtype) -> dict[str, Any]:
+    """Everything a shard's values depend on; two runs may share a directory only if all of it is equal."""
+    return {
+        "format": 2,
+        "points": keys,
+        "weights": weights_digest(model._module),
+        "config": hashlib.sha256(model._module.config.to_json_string(use_diff=False).encode()).hexdigest(),
+        "tokenizer": tokenizer_digest(model.tokenizer),
+        "texts": len(texts),
+        "texts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+        "batch_size": batch_size,
+        "positions": None if positions is None else [int(p) for p in positions],
+        "dtype": str(dtype),
+    }
+
+
+_WHAT = {"points": "the points", "weights": "the model's weights", "config": "the model's config",
+         "tokenizer": "the tokenizer", "texts": "the number of texts", "texts_sha256": "the texts",
+         "batch_size": "the batch size", "positions": "the positions", "dtype": "the dtype", "format": "the cache format"}
+
+
+def _shard_record(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _verified(path: Path) -> str | None:
+    """None when ``path`` is a finished shard whose size and digest match its record; else why not."""
+    record = _shard_record(path)
+    if not path.exists():
+        return "missing" if record.exists() else None
+    if not record.exists():
+        return "has no record of a finished write (interrupted, or not this cache's)"
+    try:
+        expected = json.loads(record.read_text())
+        size, digest = int(expected["bytes"]), str(expected["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its record is unreadable"
+    if path.stat().st_size != size:
+        return f"is {path.stat().st_size:,} bytes, its record says {size:,}"
+    if file_digest(path) != digest:
+        return "does not match its recorded digest (damaged or replaced)"
+    return None
+
+
+def _remove_leftovers(out: Path) -> list[str]:
+    """Temporary files of interrupted writes (`atomic_write` names them ``.<target>.<random>.tmp``)."""
+    removed = []
+    for leftover in out.glob(".*.tmp"):
+        if leftover.name.startswith((".shard-", f".{MANIFEST}.")):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover.name)
+    return removed
+
+
 def cache_dataset(model: Any, texts: Sequence[str], points: Sequence[str], out_dir: str | os.PathLike,
                   batch_size: int = 8, layers: Iterable[int] | None = None, positions: Sequence[int] | None = None,
                   dtype: torch.dtype | None = None, progress: bool = True) -> list[Path]:
     """Stream the points' activations for ``texts`` into safetensors shards under ``out_dir``.
 
     Shard i holds texts [i·batch_size, (i+1)·batch_size), padded on the left, with their
-    ``input_ids`` and ``attention_mask``. Each shard is written atomically; a rerun resumes,
-    skipping finished shards, and refuses a directory made for other points, texts or model
-    (``manifest.json`` says which). Under ``torchrun`` each rank takes shards i ≡ rank (mod world).
-    Returns this rank's shard paths.
+    ``input_ids`` and ``attention_mask``. Each shard is written atomically, then a record of its
+    size and digest beside it (``shard-….safetensors.json``).
+
+    A rerun resumes: a shard counts as finished only if its record matches the file, so a damaged,
+    truncated or foreign shard is recomputed (with a warning naming it), and temporary files of an
+    interrupted write are removed. ``manifest.json`` identifies the run completely — a digest of
+    every weight and buffer, the config, the tokenizer, the points, positions, dtype, batch size and
+    the texts — and a directory made by a run that differs in any of them is refused, saying what
+    differs. A run that fails before its first shard leaves the directory as it found it. Under
+    ``torchrun`` each rank takes shards i ≡ rank (mod world). Returns this rank's shard paths.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    if not texts:
-        raise ValueError("no texts to cache")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    texts = _check_dataset_arguments(texts, points, batch_size, positions, dtype, out)
     resolved = resolve(model, points, layers)
+    for _, point, _ in resolved:
+        reason = _point_reason(model, point)
+        if reason:
+            raise ValueError(reason)
+    keys = [key for key, _, _ in resolved]
     dtype = dtype or model._module.dtype
-    manifest = {
-        "points": [key for key, _, _ in resolved], "model": _fingerprint(model), "texts": len(texts),
-        "texts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(), "batch_size": batch_size,
-        "positions": None if positions is None else list(positions), "dtype": str(dtype),
-    }
-    manifest_file = out / "manifest.json"
+    identity = _identity(model, texts, keys, batch_size, positions, dtype)
+    manifest_file = out / MANIFEST
     if manifest_file.exists():
-        existing = json.loads(manifest_file.read_text())
-        differs = [k for k in manifest if existing.get(k) != manifest[k]]
+        try:
+            existing = json.loads(manifest_file.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{manifest_file} is unreadable ({error}); remove the directory or use another") from None
+        differs = [_WHAT.get(k, k) for k in identity if not isinstance(existing, dict) or existing.get(k) != identity[k]]
         if differs:
-            raise ValueError(f"{out} holds shards of a different cache ({', '.join(differs)} differ from this run's); "
+            raise ValueError(f"{out} holds shards of a different cache: {', '.join(differs)} differ from this run's; "
                              "refusing to resume into it: use another directory or remove it")
+
     rank, world = _rank_world()
-    if rank == 0 and not manifest_file.exists():
-        atomic_write(manifest_file, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     n_shards = math.ceil(len(texts) / batch_size)
     mine = [i for i in range(n_shards) if i % world == rank]
-    paths = []
-    for i in tqdm(mine, desc=f"caching (rank {rank}/{world})", disable=not progress, position=rank):
-        path = out / f"shard-{i:06d}.safetensors"
-        paths.append(path)
-        if path.exists():
+    paths = [out / f"shard-{i:06d}.safetensors" for i in mine]
+    created_dir = not out.exists()
+    if rank == 0 and out.exists():
+        _remove_leftovers(out)
+    _barrier(world)
+    todo = []
+    for i, path in zip(mine, paths):
+        problem = _verified(path)
+        if path.exists() and problem is None:
             continue
-        chunk = list(texts[i * batch_size:(i + 1) * batch_size])
-        values = cache(model, chunk, [key for key, _, _ in resolved], positions=positions, dtype=dtype, verbose=False)
-        tensors = {k: v.contiguous() for k, v in values.items()}
-        tensors["input_ids"] = values.input_ids.contiguous()
-        if values.attention_mask is not None:
-            tensors["attention_mask"] = values.attention_mask.contiguous()
-        atomic_write(path, lambda p: save_file(tensors, p, metadata={"texts": json.dumps([i * batch_size, i * batch_size + len(chunk)])}))
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
+        if problem is not None:
+            warnings.warn(f"{path.name} {problem}: recomputing it", stacklevel=2)
+        todo.append((i, path))
+    bar = tqdm(total=len(todo), desc=f"caching (rank {rank}/{world})", unit="shard", disable=not progress,
+               position=rank)
+    wrote_any = wrote_manifest = False
+    start = time.perf_counter()
+    done_texts = done_tokens = 0
+    try:
+        for n, (i, path) in enumerate(todo):
+            chunk = texts[i * batch_size:(i + 1) * batch_size]
+            values = cache(model, chunk, keys, positions=positions, dtype=dtype, verbose=False)
+            if n == 0 and progress:
+                per_shard = values.nbytes + values.input_ids.nbytes
+                bar.write(f"cache_dataset: {len(todo)} shard(s) of {batch_size} texts to write, about "
+                          f"{per_shard * len(todo) / 1024**2:,.1f} MiB in all (from the first shard's size)")
+            tensors = {k: v.contiguous() for k, v in values.items()}
+            tensors["input_ids"] = values.input_ids.contiguous()
+            if values.attention_mask is not None:
+                tensors["attention_mask"] = values.attention_mask.contiguous()
+            out.mkdir(parents=True, exist_ok=True)
+            if rank == 0 and not manifest_file.exists():
+                atomic_write(manifest_file, lambda p: Path(p).write_text(json.dumps(identity, indent=1)))
+                wrote_manifest = True
+            metadata = {"texts": json.dumps([i * batch_size, i * batch_size + len(chunk)])}
+            atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
+            record = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+            atomic_write(_shard_record(path), lambda p: Path(p).write_text(json.dumps(record)))
+            wrote_any = True
+            done_texts += len(chunk)
+            done_tokens += int(values.attention_mask.sum()) if values.attention_mask is not None else values.input_ids.numel()
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(texts_per_s=f"{done_texts / elapsed:.1f}", tokens_per_s=f"{done_tokens / elapsed:.0f}")
+            bar.update(1)
+    except BaseException:
+        if not wrote_any and rank == 0:
+            _undo_start(out, manifest_file if wrote_manifest else None, created_dir)
+        raise
+    finally:
+        bar.close()
+    if rank == 0 and not manifest_file.exists():  # nothing was left to write
+        atomic_write(manifest_file, lambda p: Path(p).write_text(json.dumps(identity, indent=1)))
+    _barrier(world)
     return paths
+
+
+def _undo_start(out: Path, manifest_file: Path | None, created_dir: bool) -> None:
+    """A run that failed before its first shard leaves the directory as it found it."""
+    if not out.exists():
+        return
+    _remove_leftovers(out)
+    if manifest_file is not None:
+        manifest_file.unlink(missing_ok=True)
+    if created_dir:
+        try:
+            out.rmdir()
+        except OSError:
+            pass  # someone else put files there meanwhile: leave them

@@ -32,7 +32,11 @@ from .towers import TOWERS, TowerStub, tower_stubs
 
 TEXT_PREFIXES = ("model.language_model.", "model.embed_vision.", "model.embed_audio.")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_LAYER_KEY = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 _KV_SHARED_KEY = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+_FLOAT_STORAGE = {"F32", "BF16", "F16", "F64"}
 
 
 class CheckpointError(ValueError):
@@ -111,7 +115,44 @@ def read_config(directory: Path):
     text = raw.get("text_config") or {}
     if "altup_num_inputs" not in text and "hidden_size_per_layer_input" not in text:
         raise CheckpointError(f"{config_file} has no AltUp/per-layer-embedding settings: not a Gemma 3n checkpoint")
-    return Gemma3nConfig.from_pretrained(directory)
+    _check_text_config(config_file, text)
+    try:
+        return Gemma3nConfig.from_pretrained(directory)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{config_file}: transformers rejects this Gemma 3n config: {error}") from None
+
+
+_POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "vocab_size", "vocab_size_per_layer_input", "hidden_size_per_layer_input", "altup_num_inputs",
+             "laurel_rank", "sliding_window")
+_PER_LAYER = ("layer_types", "intermediate_size", "activation_sparsity_pattern")
+MAX_LAYERS = 1024  # Gemma 3n has 30 (E2B) or 35 (E4B): more is a corrupt config, not a model
+
+
+def _check_text_config(config_file: Path, text: dict) -> None:
+    """Sanity-check the text config before anything is built: every problem names the file and key."""
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{config_file}: text_config.{key} {why}")
+
+    for key in _POSITIVE:
+        value = text.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise bad(key, f"must be a positive integer; got {value!r}")
+    layers = text.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise bad("num_hidden_layers", f"is {layers}; a Gemma 3n has at most a few dozen layers (limit {MAX_LAYERS})")
+    for key in _PER_LAYER:
+        value = text.get(key)
+        if isinstance(value, list) and layers is not None and len(value) != layers:
+            raise bad(key, f"has {len(value)} entries for num_hidden_layers={layers}")
+    streams, active = text.get("altup_num_inputs"), text.get("altup_active_idx")
+    if active is not None and (not isinstance(active, int) or isinstance(active, bool)
+                               or not 0 <= active < (streams if isinstance(streams, int) else 4)):
+        raise bad("altup_active_idx", f"is {active!r}; it must index one of the {streams} AltUp streams")
+    shared = text.get("num_kv_shared_layers")
+    if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared < 0
+                               or (isinstance(layers, int) and shared >= layers)):
+        raise bad("num_kv_shared_layers", f"is {shared!r}; it must be between 0 and num_hidden_layers - 1")
 
 
 def weight_map(directory: Path) -> dict[str, str]:
@@ -120,8 +161,18 @@ def weight_map(directory: Path) -> dict[str, str]:
     if index.exists():
         try:
             mapping = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(error).__name__}: {error}") from None
+        if not isinstance(mapping, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files; got a {type(mapping).__name__}")
+        root = directory.resolve()
+        for key, filename in mapping.items():
+            if not isinstance(filename, str) or not filename:
+                raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name; got {filename!r}")
+            target = (directory / filename).resolve()
+            if Path(filename).is_absolute() or root not in target.parents:
+                raise CheckpointError(f"{index}: weight_map[{key!r}] = {filename!r} points outside the checkpoint "
+                                      f"directory {directory}; shards must be files inside it")
         return dict(mapping)
     single = directory / "model.safetensors"
     if single.exists():
@@ -158,6 +209,15 @@ def expected_text_shapes(config) -> dict[str, torch.Size]:
     with tower_stubs(), torch.device("meta"):
         skeleton = Gemma3nForConditionalGeneration(config)
     return {k: v.shape for k, v in skeleton.state_dict().items() if _is_text_key(k)}
+
+
+def _check_layer_count(directory: Path, config: Any, mapping: dict[str, str]) -> None:
+    """The layers the weights hold must be the layers the config declares: checked before a skeleton is built."""
+    stored = {int(m.group(1)) for key in mapping if (m := _LAYER_KEY.match(key))}
+    declared = config.text_config.num_hidden_layers
+    if stored and stored != set(range(declared)):
+        raise CheckpointError(f"{directory}: config.json declares num_hidden_layers={declared}, but the weights hold "
+                              f"layers {min(stored)}..{max(stored)} ({len(stored)} layers)")
 
 
 def _kv_shared_layers(config) -> set[int]:
@@ -205,6 +265,7 @@ def load_text_model(
     mapping = weight_map(directory)
     report = LoadReport(source=directory)
 
+    _check_layer_count(directory, config, mapping)
     kv_shared = _kv_shared_layers(config)
     text_keys = {}
     for key, filename in mapping.items():
@@ -250,6 +311,9 @@ def load_text_model(
                 if key not in present:
                     raise CheckpointError(f"{path} does not contain {key}, although the index says it does")
                 piece = counting.slice(key)
+                if piece.get_dtype() not in _FLOAT_STORAGE:
+                    raise CheckpointError(f"{key} in {filename} is stored as {piece.get_dtype()}; a Gemma 3n weight is "
+                                          "floating point (F32, BF16 or F16): refusing to cast it")
                 if tuple(piece.get_shape()) != tuple(expected[key]):
                     raise CheckpointError(
                         f"{key} in {filename} has shape {list(piece.get_shape())}; the config implies {list(expected[key])}"
@@ -318,19 +382,27 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+SUPPORTED_DEVICES = ("cpu", "cuda")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    return _default_device() if device is None else parse_device(device, "device")
+    if device is None:
+        return _default_device()
+    resolved = parse_device(device, "device")
+    if resolved.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"device={device!r} is not supported: g3n_probe loads onto {', '.join(SUPPORTED_DEVICES)}")
+    return resolved
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        return resolved
-    return dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"dtype={dtype!r} is not supported: choose one of {names}")
+    return resolved
 
 
 def load(
@@ -388,6 +460,14 @@ def _resolve_tokenizer(tokenizer: Any) -> Any:
     path = Path(tokenizer).expanduser()
     if not path.is_dir() or not _has_tokenizer_files(path):
         raise CheckpointError(f"tokenizer={str(tokenizer)!r}: no tokenizer files (tokenizer.json or tokenizer.model) there")
+    definition = path / "tokenizer.json"
+    if definition.exists():
+        try:
+            parsed = json.loads(definition.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{definition} is not valid JSON: {error}") from None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), dict):
+            raise CheckpointError(f"{definition} is not a tokenizer definition (it has no 'model' section)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # noqa: BLE001 - tokenizers raise many types for a broken file
