@@ -82,7 +82,9 @@ def test_cache_dataset_and_resume(probe, tmp_path, monkeypatch):
 
     real = cache_module.cache
     monkeypatch.setattr(cache_module, "cache", lambda *a, **k: calls.append(1) or real(*a, **k))
-    g3n.cache_dataset(probe, TEXTS, ["layers.1.altup_predict", "ple_out"], out, batch_size=3, layers=[0, 2], progress=False)
+    with pytest.warns(UserWarning, match="shard-000001.safetensors missing: recomputing it"):
+        g3n.cache_dataset(probe, TEXTS, ["layers.1.altup_predict", "ple_out"], out, batch_size=3, layers=[0, 2],
+                          progress=False)
     assert len(calls) == 1 and paths[1].exists()
 
 

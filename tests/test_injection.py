@@ -30,9 +30,10 @@ def module_state(model: nn.Module) -> dict:
     """Everything injection could touch: per module its type, ``__dict__`` keys and hook dicts."""
     state = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        hooks = {key: list(getattr(module, key)) for key in vars(module) if key.endswith("hooks") or "hooks_" in key}
+        hooks = {key: list(value) for key, value in vars(module).items()
+                 if ("hooks" in key) and isinstance(value, (dict, set))}
         plain = {key: value for key, value in vars(module).items()
-                 if key not in ("_parameters", "_buffers", "_modules") and not key.endswith("hooks") and "hooks_" not in key}
+                 if key not in ("_parameters", "_buffers", "_modules") and key not in hooks}
         state[name] = (type(module), sorted(plain), hooks, sorted(module._modules))
     configs = {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}
     state["<attention>"] = sorted((c.__class__.__name__, c._attn_implementation) for c in configs.values())
@@ -279,7 +280,7 @@ def test_a_deepcopy_switched_to_eager_runs_eager(injected, stock_eager_copy, ids
 
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
-def test_pickle_round_trip_keeps_working_points(injected, ids, how):
+def test_pickle_round_trip_keeps_working_points(injected, stock, ids, how):
     if how == "pickle":
         restored = pickle.loads(pickle.dumps(injected))
     else:
@@ -298,6 +299,7 @@ def test_pickle_round_trip_keeps_working_points(injected, ids, how):
     assert len(seen) == 1 and not torch.equal(edited, plain)
     g3n.Injection.of(restored).remove()
     assert not any(isinstance(m, HookPoint) for m in restored.modules())
+    assert module_state(restored) == module_state(copy.deepcopy(stock))
 
 
 def test_output_attentions_on_an_injected_eager_model(stock_eager_copy, ids):
@@ -345,7 +347,7 @@ def test_no_process_wide_state(stock_eager_copy, ids):
         assert ours["calls"] == 0 and calls["stock"] == stock_eager_copy.config.text_config.num_hidden_layers
         with torch.no_grad():
             stock_forward(injected_eager, ids)
-        assert ours["calls"] > 0  # the injected model does route through g3n_probe's function
+        assert ours["calls"] == injected_eager.config.text_config.num_hidden_layers  # the injected one does
     layers = stock_eager_copy.config.text_config.num_hidden_layers
     assert calls["stock"] == 2 * layers  # once per layer for each model: ours calls the stock function too
     assert stock_eager_copy.config.text_config._attn_implementation == "eager"
@@ -458,6 +460,7 @@ def test_an_interrupt_inside_a_trace_leaves_no_state(probe, stock, ids, interrup
         with probe.trace(ids):
             probe.layers[2].ple_input.output.save()
             probe.layers[3].altup_router_correct.output.save()
+            probe.layers[4].input.save()  # the layer's pre-hook has kept its argument; its body has not run
             raise interrupt()
     injection = probe.injection
     assert all(point.pending is None for point in injection.points.values())
@@ -500,3 +503,82 @@ def test_load_without_tokenizer_files_and_with_a_given_tokenizer(tiny_dir, tmp_p
     assert with_object.tokenizer is with_path.tokenizer
     with pytest.raises(g3n.CheckpointError, match="no tokenizer files"):
         g3n.load(bare, tokenizer=bare)
+
+
+def test_remove_on_an_eager_model_restores_its_attention(stock_eager_copy, ids):
+    model = copy.deepcopy(stock_eager_copy)
+    never = module_state(copy.deepcopy(stock_eager_copy))
+    injection = g3n.inject(model)
+    assert model.config.text_config._attn_implementation != "eager"  # the registered, per-model name
+    injection.remove()
+    assert module_state(model) == never
+    with torch.no_grad():
+        assert torch.equal(stock_forward(model, ids).logits, stock_forward(stock_eager_copy, ids).logits)
+
+
+def test_remove_keeps_an_attention_choice_made_after_injection(stock_eager_copy):
+    model = copy.deepcopy(stock_eager_copy)
+    injection = g3n.inject(model)
+    model.model.language_model.config._attn_implementation = "sdpa"
+    injection.remove()
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_a_new_row_fires_in_a_trace_between_its_neighbours(stock, ids):
+    row = Point("q_in", LAYER, "[B,T,D]", "input of self_attn.q_proj", "normed active stream entering attention",
+                InputOf("self_attn.q_proj"))
+    table = list(POINTS)
+    table.insert(table.index(next(p for p in POINTS if p.name == "attn_z")), row)
+    model = copy.deepcopy(stock)
+    g3n.inject(model, points=table)
+    probe = g3n.Gemma3nProbe(model)
+    with probe.trace(ids):
+        laurel = probe.layers[2].laurel.output.save()
+        q_in = probe.layers[2].q_in.output.save()
+        attn_z = probe.layers[2].attn_z.output.save()
+    expected = capture(stock, ids)
+    reference: list = []
+    handle = stock.model.language_model.layers[2].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, a: reference.append(a[0].detach().clone()))
+    with torch.no_grad():
+        stock_forward(stock, ids)
+    handle.remove()
+    assert torch.equal(q_in, reference[0])
+    assert torch.equal(laurel, expected[("laurel", 2)]) and torch.equal(attn_z, expected[("attn_z", 2)])
+
+
+def test_probe_wraps_a_multimodal_base_model(stock, ids):
+    probe = g3n.Gemma3nProbe(copy.deepcopy(stock.model))
+    expected = capture(stock, ids)
+    with probe.trace(ids):
+        embed = probe.embed.output.save()
+        predicted = probe.layers[3].altup_predict.output.save()
+    assert torch.equal(embed, expected[("embed", None)])  # vision/audio ids swapped by Gemma3nModel
+    assert torch.equal(predicted, expected[("altup_predict", 3)])
+
+
+def test_writing_a_layers_whole_inputs_reaches_its_ple_input(probe, ids):
+    with probe.trace(ids):
+        args, kwargs = probe.layers[2].inputs
+        probe.layers[2].inputs = ((args[0], args[1], torch.zeros_like(args[2]), *args[3:]), kwargs)
+        kept = probe.layers[2].ple_input.output.save()
+        gate = probe.layers[2].ple_gate.output.save()
+    assert kept.abs().sum() == 0 and gate.abs().sum() == 0
+
+
+def test_an_embed_write_never_changes_the_callers_inputs_embeds(stock, text_ids):
+    model = copy.deepcopy(stock.model.language_model)
+    probe = g3n.Gemma3nProbe(model)
+    inputs_embeds = model.embed_tokens(text_ids).detach().clone().requires_grad_(True)
+    before = inputs_embeds.detach().clone()
+    with probe.trace(inputs_embeds=inputs_embeds):
+        probe.embed.output[:] = 0
+        hidden = probe.output.last_hidden_state.save()
+    assert torch.equal(inputs_embeds.detach(), before)
+    assert torch.isfinite(hidden).all()
+
+
+def test_tensors_returned_outside_a_trace_carry_no_marks(injected, stock, ids):
+    with torch.no_grad():
+        ours = stock_forward(injected, ids, output_hidden_states=True)
+    assert not any(hasattr(h, "_g3n_batch_dim") for h in ours.hidden_states)

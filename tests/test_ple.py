@@ -17,7 +17,7 @@ def host_probe(tiny_dir):
 
 def test_host_lookup_is_installed_and_exact(host_probe, stock, ids):
     table = host_probe._module.model.language_model.embed_tokens_per_layer
-    assert is_host_resident(table) is not None
+    assert is_host_resident(table)
     assert table.weight.device.type == "cpu"
     with host_probe.trace(ids):
         tokens = host_probe.ple_tokens.output.save()

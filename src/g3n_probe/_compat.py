@@ -27,8 +27,6 @@ import torch
 from nnsight.intervention.source import STATE
 from torch._subclasses.fake_tensor import FakeTensor  # noqa: F401  (re-exported for input validation)
 
-CHECKED = {"nnsight": "0.8.1", "torch": "2.13.0", "transformers": "5.24.0"}
-
 #: The attention implementation name under which eager attention serves ``attn_pattern``.
 PATTERN_ATTENTION = "g3n_probe_eager"
 
@@ -69,5 +67,5 @@ def attention_implementation(config: Any) -> str | None:
 
 
 def set_attention_implementation(config: Any, name: str | None) -> None:
-    # The public setter on a text config (it has no sub-configs to recurse into).
+    # The config's own setter (it recurses into sub-configs; a text config has none).
     config._attn_implementation = name

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
+from . import arch
+
 EPSILON_SQUARED = 1e-5  # transformers' clamp on the mean square
 
 
@@ -68,7 +70,7 @@ def coefficients_beyond_clip(module: Any) -> list[dict]:
     found = []
     if clip is None:
         return found
-    for i, layer in enumerate(module.model.language_model.layers):
+    for i, layer in enumerate(arch.text_model(module).layers):
         for matrix in ("prediction_coefs", "correction_coefs"):
             weight = getattr(layer.altup, matrix).weight.detach()
             for index in (weight.abs() > clip).nonzero().tolist():
@@ -83,7 +85,7 @@ def clip_coefficients(module: Any) -> int:
         return 0
     changed = 0
     with torch.no_grad():
-        for layer in module.model.language_model.layers:
+        for layer in arch.text_model(module).layers:
             for matrix in (layer.altup.prediction_coefs, layer.altup.correction_coefs):
                 changed += int((matrix.weight.abs() > clip).sum())
                 matrix.weight.clamp_(-clip, clip)
@@ -104,7 +106,7 @@ def audit(model: Any, inputs: str | Sequence[str] | torch.Tensor | None = None) 
     if inputs is None:
         return report
     prompts = [inputs] if isinstance(inputs, (str, torch.Tensor)) else list(inputs)
-    language_model = module.model.language_model
+    language_model = arch.text_model(module)
     last = text.num_hidden_layers - 1
     for p, prompt in enumerate(prompts):
         ids = _ids(model, prompt)

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from . import arch
+
 
 def _rss() -> int:
     with open("/proc/self/status") as status:
@@ -102,7 +104,7 @@ def _build(variant: str, preset: str, device: torch.device, dtype: torch.dtype) 
     if variant == "g3n_table_host":
         module = random_model(preset, device="cpu", dtype=dtype)
         move_except_table(module, device)
-        host_resident(module.model.language_model.embed_tokens_per_layer, device)
+        host_resident(arch.per_layer_table(module), device)
     else:
         module = random_model(preset, device=device, dtype=dtype)
     if variant == "stock_text":

@@ -23,12 +23,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import arch
 from ._util import SAFETENSORS_DTYPE_BYTES, parse_device
 from .towers import TOWERS, TowerStub, tower_stubs
+
+if TYPE_CHECKING:
+    from .probe import Gemma3nProbe
 
 TEXT_PREFIXES = ("model.language_model.", "model.embed_vision.", "model.embed_audio.")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -350,7 +354,7 @@ def load_text_model(
             stub.tensor_files = files
     if device.type == "cpu":
         _own_host_memory(model)
-    table = model.model.language_model.embed_tokens_per_layer
+    table = arch.per_layer_table(model)
     if table_device != device:
         move_except_table(model, device)
     if table_device != device or ple_device is not None:
@@ -413,7 +417,7 @@ def load(
     attn_implementation: str = "sdpa",
     altup_clip: str = "stock",
     tokenizer: Any = None,
-):
+) -> Gemma3nProbe:
     """Load a Gemma 3n checkpoint text-only and return it as a `g3n_probe.Gemma3nProbe`.
 
     Args:

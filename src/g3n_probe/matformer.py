@@ -122,8 +122,8 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
     config, kept = submodel_config(parent.config, layers_to_skip, ffn_widths)
     state = {k: v for k, v in parent.state_dict().items() if k != "lm_head.weight" and not k.startswith(("model.vision_tower", "model.audio_tower"))}
     state = sliced_state_dict(state, parent.config, kept, config.get_text_config().intermediate_size)
-    device = parent.model.language_model.embed_tokens.weight.device
-    table = parent.model.language_model.embed_tokens_per_layer
+    device = arch.text_model(parent).embed_tokens.weight.device
+    table = arch.per_layer_table(parent)
     child = build_text_only(config, device, table.weight.dtype)
     missing, unexpected = child.load_state_dict(state, strict=False)
     if set(missing) - {"lm_head.weight"} or unexpected:
@@ -134,7 +134,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
         for attr in ("checkpoint_dir", "tensor_files"):
             if hasattr(source, attr):
                 setattr(stub, attr, getattr(source, attr))
-    child_table = child.model.language_model.embed_tokens_per_layer
+    child_table = arch.per_layer_table(child)
     if table.weight.device != device:
         child_table.to(table.weight.device)
     if is_host_resident(table):

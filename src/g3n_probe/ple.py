@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import arch
 from ._util import parse_device
 
 
@@ -49,12 +50,10 @@ def host_resident(table: nn.Module, compute_device: torch.device) -> HostLookup:
     ], device)
 
 
-def is_host_resident(table: nn.Module) -> HostLookup | None:
-    """The `HostLookup` serving ``table``, or None."""
-    for hook in table._forward_hooks.values():
-        if isinstance(hook, functools.partial) and hook.func is _rows_to_device:
-            return HostLookup([], hook.args[0])
-    return None
+def is_host_resident(table: nn.Module) -> bool:
+    """Whether ``table`` is served by `host_resident`'s hooks."""
+    return any(isinstance(hook, functools.partial) and hook.func is _rows_to_device
+               for hook in table._forward_hooks.values())
 
 
 @dataclass
@@ -77,11 +76,11 @@ def _rows_to_device(device: torch.device, module: nn.Module, args: tuple, rows: 
 
 def move_except_table(model: nn.Module, device: torch.device) -> None:
     """Move every parameter and buffer of ``model`` to ``device`` except the per-layer table's."""
-    language_model = model.model.language_model
-    table = language_model.embed_tokens_per_layer
+    language_model = arch.text_model(model)
+    table = arch.per_layer_table(model)
     placeholder: Any = nn.Module()
-    language_model.embed_tokens_per_layer = placeholder
+    setattr(language_model, arch.PER_LAYER_TABLE, placeholder)
     try:
         model.to(device)
     finally:
-        language_model.embed_tokens_per_layer = table
+        setattr(language_model, arch.PER_LAYER_TABLE, table)

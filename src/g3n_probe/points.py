@@ -98,14 +98,30 @@ class OutputOf:
 
 @dataclass(frozen=True)
 class InputOf:
+    """A module's first argument. ``in_place``: a write is copied into the original tensor (an inline
+    value the stock forward uses again later); ``private_copy_of`` names a keyword of the scope's
+    forward through which a caller may hand that tensor in (``inputs_embeds``): it is copied on entry,
+    so an in-place write never changes the caller's tensor."""
+
     path: str
     view: SplitLast | None = None
     in_place: bool = False
+    private_copy_of: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.in_place and self.view is not None:
+            raise ValueError("InputOf: an in-place route hands out the tensor itself, not a view of it")
 
     def attach(self, scope: nn.Module, point: HookPoint, injection: Injection) -> list:
         module = scope.get_submodule(self.path)
-        hook = _route_input_in_place if self.in_place else _route_input
-        return [module.register_forward_pre_hook(functools.partial(hook, point, self.view))]
+        if self.in_place:
+            handles = [module.register_forward_pre_hook(functools.partial(_route_input_in_place, point))]
+        else:
+            handles = [module.register_forward_pre_hook(functools.partial(_route_input, point, self.view))]
+        if self.private_copy_of is not None:
+            copy = functools.partial(_copy_keyword, point, self.private_copy_of)
+            handles.append(scope.register_forward_pre_hook(copy, with_kwargs=True))
+        return handles
 
 
 @dataclass(frozen=True)
@@ -156,7 +172,7 @@ class ModuleItself:
 
     path: str
 
-    def attach(self, scope: nn.Module, point: None, injection: Injection) -> list:
+    def attach(self, scope: nn.Module, point: HookPoint | None, injection: Injection) -> list:
         scope.get_submodule(self.path)  # fails, naming the row, if the module is not there
         return []
 
@@ -192,7 +208,9 @@ class AttentionWeights:
         attention = scope.get_submodule(self.path)
         undo: list = []
         for config in injection.text_configs:
-            if attention_implementation(config) == "eager":
+            # PATTERN_ATTENTION already there: a config copied from another injected model, eager at heart
+            if attention_implementation(config) in ("eager", PATTERN_ATTENTION) and not any(
+                    isinstance(u, _RestoreAttention) and u.config is config for u in injection.attached):
                 set_attention_implementation(config, PATTERN_ATTENTION)
                 undo.append(_RestoreAttention(config, "eager"))
         _set_plain(attention, _PATTERN_ATTR, point)
@@ -230,7 +248,7 @@ POINTS: tuple[Point, ...] = (
           "per-layer token embeddings (table rows × √P)", OutputOf(arch.PER_LAYER_TABLE, view=_PER_LAYER)),
     Point("embed", MODEL, "[B,T,D]", "inputs_embeds, input of per_layer_model_projection",
           "token embedding entering the text model, vision/audio ids already swapped (stream 0 of the initial stack)",
-          InputOf("per_layer_model_projection", in_place=True)),
+          InputOf("per_layer_model_projection", in_place=True, private_copy_of="inputs_embeds")),
     Point("ple_inputs", MODEL, "[B,T,L,P]", "result of project_per_layer_inputs",
           "combined per-layer inputs the layers receive", MethodResult("project_per_layer_inputs")),
     Point("streams_in", MODEL, "[S,B,T,D]", "input of layers.0",
@@ -347,10 +365,14 @@ class HookPoint(nn.Module):
 
     def available(self) -> str | None:
         """None when the point fires in this model; otherwise why it does not."""
-        if self.point.needs == "eager" and attention_implementation(self.text_config) != PATTERN_ATTENTION:
+        implementation = attention_implementation(self.text_config)
+        if self.point.needs == "eager" and implementation != PATTERN_ATTENTION:
+            if implementation == "eager":
+                return (f"{self.qualified_name}: the model was switched to eager attention after the points were "
+                        "injected; inject (or load) with eager attention to route the probabilities")
             return (
                 f"{self.qualified_name} needs the attention probabilities, which "
-                f"attn_implementation={attention_implementation(self.text_config)!r} never forms: load with "
+                f"attn_implementation={implementation!r} never forms: load with "
                 "g3n.load(..., attn_implementation='eager') (or inject into a model loaded with eager attention)"
             )
         return None
@@ -402,7 +424,7 @@ def _route_input(point: HookPoint, view: SplitLast | None, module: nn.Module, ar
     return None if result is value else (result, *args[1:])
 
 
-def _route_input_in_place(point: HookPoint, view: None, module: nn.Module, args: tuple) -> None:
+def _route_input_in_place(point: HookPoint, module: nn.Module, args: tuple) -> None:
     """For inline values the stock forward uses more than once (``resid_mid``, ``embed``): a write is
     copied into the original tensor, so every later use sees it."""
     if not point.observed():
@@ -426,6 +448,13 @@ def _route_result(point: HookPoint, enclosing: MethodRoute | None, snapshot: boo
     return served
 
 
+def _copy_keyword(point: HookPoint, keyword: str, scope: nn.Module, args: tuple, kwargs: dict):
+    value = kwargs.get(keyword)
+    if not isinstance(value, torch.Tensor) or not point.observed():
+        return None
+    return args, {**kwargs, keyword: value.clone()}
+
+
 def _keep_argument(point: HookPoint, index: int, keyword: str, layer: nn.Module, args: tuple, kwargs: dict):
     point.pending = None
     if not point.observed():
@@ -443,6 +472,19 @@ def _keep_argument(point: HookPoint, index: int, keyword: str, layer: nn.Module,
         kwargs[keyword] = value
     point.pending = value
     return tuple(args), kwargs
+
+
+def rekeep_arguments(layer: nn.Module, value: tuple) -> tuple:
+    """A trace replaced a layer's whole ``(args, kwargs)``: keep private copies of the new arguments, so
+    their points serve (and a write to them reaches) what the layer's body will now use."""
+    args, kwargs = value
+    for point in layer._modules.values():
+        if isinstance(point, HookPoint) and isinstance(point.point.route, LayerArgument):
+            route = point.point.route
+            kept = _keep_argument(point, route.index, route.keyword, layer, args, kwargs)
+            if kept is not None:
+                args, kwargs = kept
+    return args, kwargs
 
 
 def _serve_pending(point: HookPoint, args: tuple, kwargs: dict) -> None:
@@ -519,6 +561,14 @@ class MethodRoute:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(self.stock())
+
+    @property
+    def __self__(self) -> nn.Module:  # what a bound method offers, for code that inspects one
+        return self.owner
+
+    @property
+    def __func__(self) -> Callable:
+        return getattr(type(self.owner), self.name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         for tap in self.before:
@@ -609,7 +659,8 @@ class _RestoreAttention:
     implementation: str
 
     def remove(self) -> None:
-        set_attention_implementation(self.config, self.implementation)
+        if attention_implementation(self.config) == PATTERN_ATTENTION:  # not if the user chose another since
+            set_attention_implementation(self.config, self.implementation)
 
 
 # ==================================================================================================
@@ -633,7 +684,10 @@ class StackGuard:
 
 
 def _enter_layer(guard: StackGuard, layer: nn.Module, args: tuple) -> None:
-    if args and isinstance(args[0], torch.Tensor):
+    # Only a trace can replace a layer's stacks, and only nnsight's batcher reads the mark: outside
+    # one, tensors a user receives (output_hidden_states) stay unmarked, as stock.
+    guard.expected = None
+    if is_traced(layer) and args and isinstance(args[0], torch.Tensor):
         mark_stack(args[0])
         guard.expected = (args[0].shape, args[0].dtype, args[0].device)
 
@@ -645,13 +699,15 @@ def _check_layer_input(guard: StackGuard, args: tuple, kwargs: dict) -> None:
 
 
 def _leave_layer(guard: StackGuard, layer: nn.Module, args: tuple, output: Any) -> None:
+    if not is_traced(layer):
+        return
     if args and isinstance(args[0], torch.Tensor):
         check_write(guard.where("output"), output, args[0].shape, args[0].dtype, args[0].device)
     mark_stack(output)
 
 
-def _mark_result(result: Any) -> Any:
-    return mark_stack(result)
+def _mark_result(layer: nn.Module, result: Any) -> Any:
+    return mark_stack(result) if is_traced(layer) else result
 
 
 # ==================================================================================================
@@ -674,7 +730,7 @@ class Injection:
 
     root: nn.Module
     text_path: str
-    text_configs: list = field(default_factory=list)
+    text_configs: list[Any] = field(default_factory=list)
     points: dict[str, HookPoint] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
     guards: list[StackGuard] = field(default_factory=list)
@@ -756,9 +812,10 @@ def inject(model: nn.Module, points: Sequence[Point] = POINTS) -> Injection:
             correct, undo_correct = method_route(layer.altup, "correct")
             check = functools.partial(_check_layer_input, guard)
             predict.before.append(check)
-            correct.after.append(_mark_result)
+            mark = functools.partial(_mark_result, layer)
+            correct.after.append(mark)
             injection.attached += [
-                *undo, *undo_correct, _RemoveTap(predict.before, check), _RemoveTap(correct.after, _mark_result),
+                *undo, *undo_correct, _RemoveTap(predict.before, check), _RemoveTap(correct.after, mark),
                 layer.register_forward_pre_hook(functools.partial(_enter_layer, guard)),
                 layer.register_forward_hook(functools.partial(_leave_layer, guard)),
             ]

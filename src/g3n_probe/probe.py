@@ -10,18 +10,21 @@ invokes, generation, sessions, caching and gradients are nnsight's own.
 from __future__ import annotations
 
 import operator
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from nnsight.intervention.batching import Batcher, SkipParts
 from nnsight.intervention.envoy import Envoy, traceable
+from nnsight.intervention.eproperty import eproperty
 from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.modeling.transformers import TransformersModel
 
 from . import arch
 from ._compat import FakeTensor
-from .points import POINTS, HookPoint, Injection, PointWriteError, batch_dim, inject, mark_stack
+from .points import POINTS, HookPoint, Injection, PointWriteError, batch_dim, inject, mark_stack, rekeep_arguments
 
 
 class StreamBatcher(Batcher):
@@ -102,7 +105,16 @@ class PointEnvoy(Envoy):
 
 
 class LayerEnvoy(Envoy):
-    """The envoy of a decoder layer: skipping a KV 'store' layer is refused before it breaks."""
+    """The envoy of a decoder layer: skipping a KV 'store' layer is refused before it breaks, and a
+    write of the whole ``.inputs`` keeps its per-layer input served by ``ple_input``."""
+
+    @eproperty(key="input")
+    def inputs(self, value: Any) -> Any:
+        return value
+
+    @inputs.postprocess
+    def inputs(self, value: Any) -> Any:
+        return rekeep_arguments(self._module, value)
 
     def skip(self, replacement: Any) -> None:
         layer = self._module
@@ -152,6 +164,25 @@ def _envoy_classes() -> dict:
     from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
     return {HookPoint: PointEnvoy, Gemma3nTextDecoderLayer: LayerEnvoy}
+
+
+_RUN_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RUN_LOCKS_GUARD = threading.Lock()
+
+
+def _run_lock(module: torch.nn.Module) -> threading.Lock:
+    """One lock per model: nnsight keeps per-module trace state, so two traces at once would mix."""
+    with _RUN_LOCKS_GUARD:
+        lock = _RUN_LOCKS.get(module)
+        if lock is None:
+            lock = _RUN_LOCKS[module] = threading.Lock()
+        return lock
+
+
+def _check_input(value: Any) -> None:
+    if value is None or (isinstance(value, (list, tuple, str)) and len(value) == 0):
+        raise ValueError(f"no input ({value!r}): a trace takes text, a list of texts, or token ids "
+                         "(an integer tensor [batch, tokens])")
 
 
 @dataclass
@@ -293,8 +324,9 @@ class Gemma3nProbe(TransformersModel):
         if not isinstance(ids, torch.Tensor):
             return
         vocab = self.text_config.vocab_size
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor; got dtype {ids.dtype}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an integer tensor of dtype torch.long (or int32); got {ids.dtype}"
+                            + (": convert with ids.long()" if not (ids.is_floating_point() or ids.is_complex()) else ""))
         if ids.dim() != 2:
             raise ValueError(f"token ids must be 2-D [batch, tokens]; got shape {tuple(ids.shape)}")
         if ids.numel() == 0:
@@ -312,7 +344,14 @@ class Gemma3nProbe(TransformersModel):
             self._check_ids(inputs[0])
         self._check_ids(kwargs.get("input_ids"))
 
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        if inputs:
+            _check_input(inputs[0])
+        return super().trace(*inputs, **kwargs)
+
     def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        if inputs:
+            _check_input(inputs[0])
         if self.tokenizer is None and inputs and isinstance(inputs[0], (str, list)) and \
                 any(isinstance(item, str) for item in ([inputs[0]] if isinstance(inputs[0], str) else inputs[0])):
             raise ValueError("this model has no tokenizer, so it takes token ids (an integer tensor [batch, tokens]), "
@@ -320,10 +359,19 @@ class Gemma3nProbe(TransformersModel):
         return super()._batch_size(*inputs, **kwargs)
 
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        lock = _run_lock(self._module)
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this model is already running a trace (a trace nested inside another, or another thread's): one "
+                "trace runs on a model at a time. Put several inputs in one trace with tracer.invoke(...), or give "
+                "each thread its own model (g3n.Gemma3nProbe(copy.deepcopy(model._module), tokenizer=...))."
+            )
         try:
             return super().interleave(fn, *args, **kwargs)
         except OutOfOrderError as error:
             raise self.injection.explain(error) from None
+        finally:
+            lock.release()
 
     def _call(self, *inputs: Any, **kwargs: Any) -> Any:
         self._validate(inputs, kwargs)
@@ -370,6 +418,8 @@ class Gemma3nProbe(TransformersModel):
 
         if kind not in TOWERS:
             raise ValueError(f"unknown tower {kind!r}; choose 'vision' or 'audio'")
+        if self.injection.text_path != arch.TEXT_MODEL_PATHS["Gemma3nForConditionalGeneration"]:
+            raise ValueError(f"a {type(self._module).__name__} has no towers: only Gemma3nForConditionalGeneration does")
         inner = self._module.model
         current = getattr(inner, f"{kind}_tower")
         if not isinstance(current, TowerStub):
