@@ -70,3 +70,50 @@ def test_non_tensor_write(probe, stock, ids):
         with probe.trace(ids):
             probe.embed.output = 3.0
     _still_exact(probe, stock, ids)
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    ([], ValueError, r"no input \(\[\]\)"),
+    (None, ValueError, r"no input \(None\)"),
+    ("", ValueError, r"no input"),
+    (torch.tensor([[2, 5, 7]], dtype=torch.uint8), TypeError, r"torch.long.*got torch.uint8: convert with ids.long\(\)"),
+])
+def test_empty_and_wrongly_typed_trace_inputs(probe, stock, ids, bad, error, message):
+    with pytest.raises(error, match=message):
+        with probe.trace(bad):
+            probe.logits.output.save()
+    _still_exact(probe, stock, ids)
+
+
+def test_a_nested_trace_is_a_clear_error(probe, stock, ids):
+    with pytest.raises(RuntimeError, match="already running a trace"):
+        with probe.trace(ids):
+            with probe.trace(ids):
+                probe.logits.output.save()
+    _still_exact(probe, stock, ids)
+
+
+def test_two_threads_tracing_one_model(probe, stock, ids):
+    """One trace runs on a model at a time: a second thread gets a clear error, never mixed values."""
+    import threading
+
+    results, errors = [], []
+    expected = stock_forward(stock, ids).logits
+
+    def worker():
+        try:
+            for _ in range(4):
+                with probe.trace(ids):
+                    logits = probe.logits.output.save()
+                results.append(torch.equal(logits, expected))
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results and all(results)
+    assert all("already running a trace" in e for e in errors)
+    _still_exact(probe, stock, ids)

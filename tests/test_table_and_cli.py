@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
+
+import pytest
 
 from g3n_probe.cli import main
 from g3n_probe.points import POINTS, ModuleItself, markdown_table
@@ -63,3 +67,53 @@ def test_cli_demo(tiny_dir, tmp_path, capsys):
 def test_cli_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+# ---- bad input never ends in a traceback: exit 2 and "error: …" naming the argument or file --------------
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    truncated = Path(shutil.copytree(tiny_dir, root / "truncated"))
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    bad_config = Path(shutil.copytree(tiny_dir, root / "bad_config"))
+    config = json.loads((bad_config / "config.json").read_text())
+    config["text_config"]["hidden_size"] = -64
+    (bad_config / "config.json").write_text(json.dumps(config))
+    bad_tokenizer = Path(shutil.copytree(tiny_dir, root / "bad_tokenizer"))
+    (bad_tokenizer / "tokenizer.json").write_text("{}")
+    return root
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["info", "{root}/truncated"], "is not a readable safetensors file"),
+    (["info", "{root}/bad_config"], "text_config.hidden_size must be a positive integer"),
+    (["info", "{root}/missing"], "does not exist"),
+    (["demo", "--model", "{root}/bad_tokenizer", "--out", "{root}/demo.png"], "tokenizer.json is not a tokenizer definition"),
+    (["bench", "--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    (["bench", "--device", "cuda"], "argument --device: 'cuda'"),
+    (["bench", "--shapes", "0x0"], "argument --shapes: '0x0': batch and tokens must be positive"),
+    (["bench", "--shapes", "big"], "argument --shapes: 'big' is not a BxT shape"),
+    (["bench", "--leak-traces", "-5"], "argument --leak-traces: must be 0 or more"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be a positive integer"),
+    (["bench", "--out", "/proc/nope"], "cannot create the output directory /proc/nope"),
+    (["points", "--batch", "-1", "--tokens", "0"], "argument --batch: must be a positive integer"),
+    (["points", "--symbolic", "--tokens", "x"], "argument --tokens: 'x' is not an integer"),
+])
+def test_cli_bad_input_exits_2_with_a_message(broken, capsys, argv, message):
+    import torch
+
+    if argv[:3] == ["bench", "--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [a.format(root=broken) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 2, text
+    assert "error" in text and re.search(message, text.replace("\n", " ")), text
+    assert "Traceback" not in text

@@ -8,6 +8,8 @@ moves (pyproject pins transformers 5.24.x and nnsight 0.8.x), this file is the l
 | nnsight | ``nnsight.intervention.source.STATE``: a module's ``__dict__`` entry whose ``active()`` says whether a trace runs | 0.8.1 | `is_traced` (points skip work when nobody can see them) |
 | nnsight | ``Batcher._narrow_tensor`` / ``_widen_tensor`` / ``assemble_skip`` and ``SkipParts`` | 0.8.1 | `probe.StreamBatcher` (stream stacks batched on dim 1) |
 | nnsight | ``TransformersModel._call`` / ``_batch_size`` / ``_wrap`` / ``interleave``, ``generate.__wrapped__``, ``_batcher_class``, ``envoys=``, ``Envoy._add_envoy`` | 0.8.1 | `probe.Gemma3nProbe` |
+| nnsight | ``Envoy.trace(tracer_cls=...)`` and ``InterleavingTracer.execute`` (workers are registered on the model's one interleaver before it runs) | 0.8.1 | `probe.ExclusiveTracer` |
+| nnsight | ``eproperty`` with ``postprocess`` for a layer's ``inputs`` | 0.8.1 | `probe.LayerEnvoy` |
 | nnsight | ``self.pipeline`` is read only for ``.model``, ``.task`` and ``_sanitize_parameters`` on token-id input | 0.8.1 | `probe._ModelOnly` (a model without a tokenizer) |
 | nnsight | ``OutOfOrderError`` names a ``.grad`` location ``f"{id(tensor)}.grad"`` | 0.8.1 | `points.Injection.explain` |
 | nnsight | a module's ``__dict__["forward"]`` is nnsight's controller; hooks and method routes live elsewhere | 0.8.1 | `points` (never touches ``forward``) |

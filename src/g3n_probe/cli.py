@@ -23,6 +23,67 @@ from . import arch
 
 
 
+# ---- argument types: bad values are argparse errors (exit 2, "error: argument …"), never tracebacks ----
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more; got {value}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        batch, tokens = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a BxT shape such as 1x128") from None
+    if batch < 1 or tokens < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch and tokens must be positive")
+    return batch, tokens
+
+
+def _device(text: str) -> str:
+    import torch
+
+    from .loading import SUPPORTED_DEVICES
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; choose {' or '.join(SUPPORTED_DEVICES)}") from None
+    if device.type not in SUPPORTED_DEVICES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; choose {' or '.join(SUPPORTED_DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+    return text
+
+
+def _writable_directory(path: Path) -> Path:
+    """Checked before any work starts, so a run never fails at its very end for want of a place to write."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the output directory {path}: {error.strerror or error}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise ValueError(f"the output directory {path} is not a writable directory")
+    return path
+
+
 def _make_console() -> Console:
     # Wide tables stay readable in logs and notebooks, where there is no terminal width to fit.
     return Console(width=None if sys.stdout.isatty() else 200)
@@ -54,10 +115,8 @@ _COMPONENTS = ("text decoder", "embed_tokens", "per-layer table", "multimodal em
 
 def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
     """Parameters and bytes per component as stored, from the safetensors headers (no tensor data)."""
-    from safetensors import safe_open
-
     from ._util import SAFETENSORS_DTYPE_BYTES
-    from .loading import weight_map
+    from .loading import CheckpointError, open_safetensors, weight_map
 
     mapping = weight_map(directory)
     result = {c: {"params": 0, "bytes": 0, "absent": 0} for c in _COMPONENTS}
@@ -70,8 +129,11 @@ def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
             for key in keys:
                 result[_component_of(key)]["absent"] += 1
             continue
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path) as handle:
+            present = set(handle.keys())
             for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"{path} does not contain {key}, although the index says it does")
                 piece = handle.get_slice(key)
                 numel = math.prod(piece.get_shape())
                 entry = result[_component_of(key)]
@@ -182,7 +244,9 @@ def cmd_points(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.model, out=Path(args.out), prompt=args.prompt, console=console)
+    out = Path(args.out)
+    _writable_directory(out.parent if str(out.parent) else Path("."))
+    run_demo(args.model, out=out, prompt=args.prompt, console=console)
     return 0
 
 
@@ -212,9 +276,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     preset = args.preset or ("e2b" if args.device.startswith("cuda") else "tiny")
-    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes] if args.shapes else None
-    run_bench(preset, device=args.device, shapes=shapes, repeats=args.repeats, leak_traces=args.leak_traces,
-              out_dir=Path(args.out), print_fn=console.print)
+    out = _writable_directory(Path(args.out))
+    run_bench(preset, device=args.device, shapes=args.shapes or None, repeats=args.repeats,
+              leak_traces=args.leak_traces, out_dir=out, print_fn=console.print)
     return 0
 
 
@@ -233,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     points = sub.add_parser("points", help="the intervention-point table, with concrete shapes")
     points.add_argument("source", nargs="?", default=None)
-    points.add_argument("--batch", type=int, default=1)
-    points.add_argument("--tokens", type=int, default=8)
+    points.add_argument("--batch", type=_positive_int, default=1)
+    points.add_argument("--tokens", type=_positive_int, default=8)
     points.add_argument("--symbolic", action="store_true", help="symbolic shapes only, no checkpoint")
     points.set_defaults(func=cmd_points)
 
@@ -250,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     audit.set_defaults(func=cmd_audit)
 
     bench = sub.add_parser("bench", help="memory and speed: stock vs g3n_probe, per-layer table on device vs host")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--preset", default=None, help="tiny, mid, e2b, e4b (default: tiny on cpu, e2b on cuda)")
-    bench.add_argument("--shapes", nargs="*", default=None, help="BxT shapes, e.g. 1x128 8x512 1x2048")
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--leak-traces", type=int, default=500)
+    bench.add_argument("--device", type=_device, default="cpu")
+    bench.add_argument("--preset", default=None, choices=["tiny", "mid", "e2b", "e4b"],
+                       help="default: tiny on cpu, e2b on cuda")
+    bench.add_argument("--shapes", nargs="*", type=_shape, default=None, help="BxT shapes, e.g. 1x128 8x512 1x2048")
+    bench.add_argument("--repeats", type=_positive_int, default=5)
+    bench.add_argument("--leak-traces", type=_non_negative_int, default=500)
     bench.add_argument("--out", default="benchmarks/results")
     bench.set_defaults(func=cmd_bench)
 
@@ -263,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     console = _make_console()
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
+    except (OSError, ValueError, TypeError, KeyError, MemoryError) as error:
+        # Bad input (a file, a checkpoint, an argument): the message names it; a traceback would not help.
+        if os.environ.get("G3N_PROBE_DEBUG"):
+            raise
+        console.print(f"error: {error}", markup=False, highlight=False)
         return 2
 
 

@@ -122,8 +122,9 @@ def read_config(directory: Path):
     _check_text_config(config_file, text)
     try:
         return Gemma3nConfig.from_pretrained(directory)
-    except (ValueError, TypeError, KeyError) as error:
-        raise CheckpointError(f"{config_file}: transformers rejects this Gemma 3n config: {error}") from None
+    except Exception as error:  # noqa: BLE001 - transformers validates configs with several error types
+        raise CheckpointError(f"{config_file}: transformers rejects this Gemma 3n config: "
+                              f"{type(error).__name__}: {error}") from None
 
 
 _POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -139,14 +140,16 @@ def _check_text_config(config_file: Path, text: dict) -> None:
         return CheckpointError(f"{config_file}: text_config.{key} {why}")
 
     for key in _POSITIVE:
-        value = text.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise bad(key, f"must be a positive integer; got {value!r}")
+        if key in text and (isinstance(text[key], bool) or not isinstance(text[key], int) or text[key] <= 0):
+            raise bad(key, f"must be a positive integer; got {text[key]!r}")
     layers = text.get("num_hidden_layers")
     if isinstance(layers, int) and layers > MAX_LAYERS:
         raise bad("num_hidden_layers", f"is {layers}; a Gemma 3n has at most a few dozen layers (limit {MAX_LAYERS})")
     for key in _PER_LAYER:
         value = text.get(key)
+        if key in text and not isinstance(value, list) and not (key != "layer_types" and isinstance(value, (int, float))
+                                                               and not isinstance(value, bool)):
+            raise bad(key, f"must be a list with one entry per layer; got {value!r}")
         if isinstance(value, list) and layers is not None and len(value) != layers:
             raise bad(key, f"has {len(value)} entries for num_hidden_layers={layers}")
     streams, active = text.get("altup_num_inputs"), text.get("altup_active_idx")
@@ -181,7 +184,7 @@ def weight_map(directory: Path) -> dict[str, str]:
     single = directory / "model.safetensors"
     if single.exists():
 
-        with _open(single) as handle:
+        with open_safetensors(single) as handle:
             return {key: single.name for key in handle.keys()}
     pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -193,7 +196,7 @@ def weight_map(directory: Path) -> dict[str, str]:
     raise CheckpointError(f"{directory} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -306,7 +309,7 @@ def load_text_model(
             path = directory / filename
             if not path.exists():
                 raise CheckpointError(f"{path} is missing; it holds text tensors such as {keys[0]}")
-            handle = _open(path)
+            handle = open_safetensors(path)
             handles.append(handle)
             report.files_opened.append(filename)
             present = set(handle.keys())

@@ -20,6 +20,7 @@ from nnsight.intervention.batching import Batcher, SkipParts
 from nnsight.intervention.envoy import Envoy, traceable
 from nnsight.intervention.eproperty import eproperty
 from nnsight.intervention.interleaver import OutOfOrderError
+from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.modeling.transformers import TransformersModel
 
 from . import arch
@@ -164,6 +165,25 @@ def _envoy_classes() -> dict:
     from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
     return {HookPoint: PointEnvoy, Gemma3nTextDecoderLayer: LayerEnvoy}
+
+
+class ExclusiveTracer(InterleavingTracer):
+    """nnsight's tracer, one at a time per model. nnsight keeps one interleaver per model, and a second
+    trace registers its workers on it before running: a nested trace, or another thread's, would end
+    up serving its requests from the first trace's forward. This refuses it instead."""
+
+    def execute(self, code: Any) -> None:
+        lock = _run_lock(self.envoy._module)
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this model is already running a trace (a trace nested inside another, or another thread's): one "
+                "trace runs on a model at a time. Put several inputs in one trace with tracer.invoke(...), or give "
+                "each thread its own model (g3n.Gemma3nProbe(copy.deepcopy(model._module), tokenizer=...))."
+            )
+        try:
+            super().execute(code)
+        finally:
+            lock.release()
 
 
 _RUN_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -347,6 +367,7 @@ class Gemma3nProbe(TransformersModel):
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
         if inputs:
             _check_input(inputs[0])
+        kwargs.setdefault("tracer_cls", ExclusiveTracer)
         return super().trace(*inputs, **kwargs)
 
     def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
@@ -359,19 +380,10 @@ class Gemma3nProbe(TransformersModel):
         return super()._batch_size(*inputs, **kwargs)
 
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        lock = _run_lock(self._module)
-        if not lock.acquire(blocking=False):
-            raise RuntimeError(
-                "this model is already running a trace (a trace nested inside another, or another thread's): one "
-                "trace runs on a model at a time. Put several inputs in one trace with tracer.invoke(...), or give "
-                "each thread its own model (g3n.Gemma3nProbe(copy.deepcopy(model._module), tokenizer=...))."
-            )
         try:
             return super().interleave(fn, *args, **kwargs)
         except OutOfOrderError as error:
             raise self.injection.explain(error) from None
-        finally:
-            lock.release()
 
     def _call(self, *inputs: Any, **kwargs: Any) -> Any:
         self._validate(inputs, kwargs)
