@@ -240,3 +240,14 @@ def test_resume_refuses_another_tokenizer(probe, tiny_dir, tmp_path):
     other.tokenizer.add_tokens(["<g3n_extra>"])
     with pytest.raises(ValueError, match="the tokenizer differ"):
         _run(other, out)
+
+
+def test_the_run_states_the_bytes_it_will_write(probe, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "acts"
+    paths = g3n.cache_dataset(probe, TEXTS, ["altup_predict", "layers.2.ple_out"], out, batch_size=3)
+    stated = re.search(r"3 shard\(s\) of up to 3 texts to write, ([\d.,]+) MiB", capsys.readouterr().out)
+    assert stated, "no size estimate printed"
+    written = sum(p.stat().st_size for p in paths) / 1024**2
+    assert abs(float(stated.group(1).replace(",", "")) - written) <= 0.02 * written + 0.05

@@ -439,6 +439,7 @@ def test_integer_stored_weights_are_refused_not_cast(tiny_dir, tmp_path):
 @pytest.mark.parametrize("kwargs,message", [
     ({"device": "meta"}, "device='meta' is not supported: g3n_probe loads onto cpu, cuda"),
     ({"device": "mps"}, "device='mps' is not supported"),
+    ({"device": "xpu"}, "device='xpu' is not supported"),
     ({"device": "gpu"}, "device='gpu' is not a device"),
     ({"dtype": torch.float8_e4m3fn}, "not supported: choose one of float32, bfloat16, float16"),
     ({"dtype": "int8"}, "not supported: choose one of"),

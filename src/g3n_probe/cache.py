@@ -389,19 +389,19 @@ def cache_dataset(model: Any, texts: Sequence[str], points: Sequence[str], out_d
         if problem is not None:
             warnings.warn(f"{path.name} {problem}: recomputing it", stacklevel=2)
         todo.append((i, path))
+    if progress and todo:
+        planned = _planned_bytes(model, texts, resolved, [i for i, _ in todo], batch_size, positions, dtype)
+        print(f"cache_dataset: {len(todo)} shard(s) of up to {batch_size} texts to write, {planned / 1024**2:,.1f} MiB "
+              f"({len(texts)} texts in all, {dtype})")
     bar = tqdm(total=len(todo), desc=f"caching (rank {rank}/{world})", unit="shard", disable=not progress,
                position=rank)
     wrote_any = wrote_manifest = False
     start = time.perf_counter()
     done_texts = done_tokens = 0
     try:
-        for n, (i, path) in enumerate(todo):
+        for i, path in todo:
             chunk = texts[i * batch_size:(i + 1) * batch_size]
             values = cache(model, chunk, keys, positions=positions, dtype=dtype, verbose=False)
-            if n == 0 and progress:
-                per_shard = values.nbytes + values.input_ids.nbytes
-                bar.write(f"cache_dataset: {len(todo)} shard(s) of {batch_size} texts to write, about "
-                          f"{per_shard * len(todo) / 1024**2:,.1f} MiB in all (from the first shard's size)")
             tensors = {k: v.contiguous() for k, v in values.items()}
             tensors["input_ids"] = values.input_ids.contiguous()
             if values.attention_mask is not None:
@@ -430,6 +430,19 @@ def cache_dataset(model: Any, texts: Sequence[str], points: Sequence[str], out_d
         atomic_write(manifest_file, lambda p: Path(p).write_text(json.dumps(identity, indent=1)))
     _barrier(world)
     return paths
+
+
+def _planned_bytes(model: Any, texts: list[str], resolved: list, shards: list[int], batch_size: int,
+                   positions: Sequence[int] | None, dtype: torch.dtype) -> int:
+    """The bytes the given shards will hold: each padded to its longest text, as `cache` pads."""
+    lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+    total = 0
+    for i in shards:
+        rows = lengths[i * batch_size:(i + 1) * batch_size]
+        tokens = max(rows)
+        total += sum(estimate_bytes(model, resolved, len(rows), tokens, positions, dtype).values())
+        total += 2 * len(rows) * tokens * 8  # input_ids and attention_mask (int64)
+    return total
 
 
 def _undo_start(out: Path, manifest_file: Path | None, created_dir: bool) -> None:
