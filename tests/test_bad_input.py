@@ -117,3 +117,15 @@ def test_two_threads_tracing_one_model(probe, stock, ids):
     assert results and all(results)
     assert all("already running a trace" in e for e in errors)
     _still_exact(probe, stock, ids)
+
+
+def test_generate_inside_a_trace_is_a_clear_error(probe, stock, ids):
+    with pytest.raises(RuntimeError, match="generate was called inside a trace"):
+        with probe.trace(ids):
+            probe.generate(ids, max_new_tokens=2)
+            probe.logits.output.save()
+    with probe.generate(ids, max_new_tokens=2) as tracer:  # tracing the generation itself works
+        generated = tracer.result.save()
+    assert generated.shape == (1, ids.shape[1] + 2)
+    assert torch.equal(probe.generate(ids, max_new_tokens=2), generated)  # and so does a plain call
+    _still_exact(probe, stock, ids)

@@ -180,9 +180,11 @@ class ExclusiveTracer(InterleavingTracer):
                 "trace runs on a model at a time. Put several inputs in one trace with tracer.invoke(...), or give "
                 "each thread its own model (g3n.Gemma3nProbe(copy.deepcopy(model._module), tokenizer=...))."
             )
+        self.envoy.__dict__["_running_trace"] = getattr(self.fn, "__name__", None)
         try:
             super().execute(code)
         finally:
+            self.envoy.__dict__["_running_trace"] = None
             lock.release()
 
 
@@ -419,6 +421,13 @@ class Gemma3nProbe(TransformersModel):
 
     @traceable
     def generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        running = self.__dict__.get("_running_trace")
+        if running is not None and running != "generate":
+            raise RuntimeError(
+                "generate was called inside a trace: it would run a second model call in the middle of this "
+                "trace's forward. Trace the generation itself (with model.generate(prompt, max_new_tokens=...) "
+                "as tracer:), or call generate outside the trace."
+            )
         self._validate(inputs, kwargs)
         return TransformersModel.generate.__wrapped__(self, *inputs, **kwargs)
 
