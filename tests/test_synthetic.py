@@ -127,3 +127,22 @@ def test_seed_is_reproducible(tmp_path):
     b = g3n.synthetic.save_checkpoint(tmp_path / "b", "tiny", seed=3)
     for shard in a.glob("*.safetensors"):
         assert shard.read_bytes() == (b / shard.name).read_bytes()
+
+
+@pytest.mark.parametrize("preset,limit_gib", [("e2b", 4.6), ("e4b", 8.5)])
+def test_accelerator_footprint_plan_for_the_real_shapes(preset, limit_gib):
+    """`g3n-probe info --device cuda`'s plan, on the meta device: what the GPU holds, what the host holds."""
+    import torch
+
+    from g3n_probe.loading import footprint
+    from g3n_probe.synthetic import preset_config
+
+    plan = footprint(preset_config(preset), device="cuda", dtype=torch.bfloat16)
+    on_gpu = sum(c["bytes"] for c in plan.values() if c["where"] == "accelerator")
+    on_host = sum(c["bytes"] for c in plan.values() if c["where"] == "host")
+    assert on_gpu <= limit_gib * 1024**3, f"{on_gpu / 1024**3:.3f} GiB on the accelerator"
+    assert plan["per-layer table"]["where"] == "host"
+    assert plan["vision tower"]["bytes"] == plan["audio tower"]["bytes"] == 0
+    table = preset_config(preset).get_text_config()
+    assert plan["per-layer table"]["params"] == table.vocab_size_per_layer_input * table.num_hidden_layers * 256
+    assert on_host >= plan["per-layer table"]["params"] * 2

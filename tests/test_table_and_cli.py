@@ -117,3 +117,10 @@ def test_cli_bad_input_exits_2_with_a_message(broken, capsys, argv, message):
     assert code == 2, text
     assert "error" in text and re.search(message, text.replace("\n", " ")), text
     assert "Traceback" not in text
+
+
+def test_cli_info_plans_an_accelerator_load_without_a_gpu(tiny_dir, capsys):
+    assert main(["info", str(tiny_dir), "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "on the accelerator:" in out and "on the host:" in out
+    assert re.search(r"per-layer table.*host", out) and re.search(r"text decoder.*accelerator", out)

@@ -96,30 +96,13 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 1024**3:.3f} GiB" if nbytes >= 1024**3 / 100 else f"{nbytes / 1024**2:.2f} MiB"
 
 
-def _component_of(key: str) -> str:
-    if key.startswith("model.vision_tower."):
-        return "vision tower"
-    if key.startswith("model.audio_tower."):
-        return "audio tower"
-    if key == "model.language_model.embed_tokens_per_layer.weight":
-        return "per-layer table"
-    if key == "model.language_model.embed_tokens.weight":
-        return "embed_tokens"
-    if key.startswith(("model.embed_vision.", "model.embed_audio.")):
-        return "multimodal embedders"
-    return "text decoder"
-
-
-_COMPONENTS = ("text decoder", "embed_tokens", "per-layer table", "multimodal embedders", "vision tower", "audio tower")
-
-
 def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
     """Parameters and bytes per component as stored, from the safetensors headers (no tensor data)."""
     from ._util import SAFETENSORS_DTYPE_BYTES
-    from .loading import CheckpointError, open_safetensors, weight_map
+    from .loading import COMPONENTS, CheckpointError, component_of, open_safetensors, weight_map
 
     mapping = weight_map(directory)
-    result = {c: {"params": 0, "bytes": 0, "absent": 0} for c in _COMPONENTS}
+    result = {c: {"params": 0, "bytes": 0, "absent": 0} for c in COMPONENTS}
     by_file: dict[str, list[str]] = {}
     for key, filename in mapping.items():
         by_file.setdefault(filename, []).append(key)
@@ -127,7 +110,7 @@ def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
         path = directory / filename
         if not path.exists():
             for key in keys:
-                result[_component_of(key)]["absent"] += 1
+                result[component_of(key)]["absent"] += 1
             continue
         with open_safetensors(path) as handle:
             present = set(handle.keys())
@@ -136,28 +119,9 @@ def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
                     raise CheckpointError(f"{path} does not contain {key}, although the index says it does")
                 piece = handle.get_slice(key)
                 numel = math.prod(piece.get_shape())
-                entry = result[_component_of(key)]
+                entry = result[component_of(key)]
                 entry["params"] += numel
                 entry["bytes"] += numel * SAFETENSORS_DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return result
-
-
-def loaded_components(config: Any, dtype_bytes: int) -> dict[str, dict[str, int]]:
-    """What `g3n.load` allocates per component (built on the meta device: no weights touched)."""
-    import torch
-    from transformers import Gemma3nForConditionalGeneration
-
-    from .towers import tower_stubs
-
-    with tower_stubs(), torch.device("meta"):
-        skeleton = Gemma3nForConditionalGeneration(config)
-    result = {c: {"params": 0, "bytes": 0} for c in _COMPONENTS}
-    for name, param in skeleton.named_parameters():
-        if name == "lm_head.weight":
-            continue  # tied to embed_tokens
-        entry = result[_component_of(name)]
-        entry["params"] += param.numel()
-        entry["bytes"] += param.numel() * dtype_bytes
     return result
 
 
@@ -195,16 +159,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         summary.add_row(label, str(value))
     console.print(summary)
 
+    from .loading import COMPONENTS, footprint
+
     stored = stored_components(directory)
-    loaded = loaded_components(config, 4 if args.dtype == "float32" else 2)
-    components = Table(title=f"Components (loaded = what g3n.load allocates, {args.dtype})")
-    for column in ("component", "stored params", "stored bytes", "loaded params", "loaded bytes"):
-        components.add_column(column, justify="right" if column != "component" else "left")
-    for name in _COMPONENTS:
-        s, l = stored[name], loaded[name]
+    dtype = getattr(__import__("torch"), args.dtype)
+    plan = footprint(config, device=args.device, dtype=dtype)
+    components = Table(title=f"Components (loaded = what g3n.load(device={args.device!r}) allocates, {args.dtype}, and where)")
+    for column in ("component", "stored params", "stored bytes", "loaded params", "loaded bytes", "lives on"):
+        components.add_column(column, justify="right" if column not in ("component", "lives on") else "left")
+    for name in COMPONENTS:
+        s, l = stored[name], plan[name]
         note = f" ({s['absent']} tensors' shards absent)" if s["absent"] else ""
-        components.add_row(name, f"{s['params']:,}{note}", _gib(s["bytes"]), f"{l['params']:,}", _gib(l["bytes"]))
+        where = l["where"] if l["params"] else "not loaded" if s["params"] else ""
+        components.add_row(name, f"{s['params']:,}{note}", _gib(s["bytes"]), f"{l['params']:,}", _gib(l["bytes"]), where)
     console.print(components)
+    totals = {where: sum(c["bytes"] for c in plan.values() if c["where"] == where) for where in ("accelerator", "host")}
+    console.print(f"on the accelerator: {_gib(totals['accelerator'])}; on the host: {_gib(totals['host'])} "
+                  "(parameters and buffers; activations and the KV cache come on top)")
 
     layers = Table(title="Layers")
     for column in ("layer", "attention", "KV", "reads K/V of", "sparsity", "FFN width"):
@@ -292,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
 
     info = sub.add_parser("info", help="config, components (stored vs loaded) and layers of a checkpoint")
     info.add_argument("source", nargs="?", default=None, help="checkpoint directory or cached hub id (default: bundled)")
-    info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    info.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                      help="plan where every component would live (needs no GPU)")
     info.set_defaults(func=cmd_info)
 
     points = sub.add_parser("points", help="the intervention-point table, with concrete shapes")

@@ -479,3 +479,54 @@ def _resolve_tokenizer(tokenizer: Any) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # noqa: BLE001 - tokenizers raise many types for a broken file
         raise CheckpointError(f"the tokenizer in {path} cannot be read: {type(error).__name__}: {error}") from None
+
+
+def component_of(key: str) -> str:
+    """The component a checkpoint key (or parameter/buffer name) belongs to."""
+    if key.startswith("model.vision_tower."):
+        return "vision tower"
+    if key.startswith("model.audio_tower."):
+        return "audio tower"
+    if key.startswith(f"model.language_model.{arch.PER_LAYER_TABLE}."):
+        return "per-layer table"
+    if key.startswith("model.language_model.embed_tokens."):
+        return "embed_tokens"
+    if key.startswith(("model.embed_vision.", "model.embed_audio.")):
+        return "multimodal embedders"
+    return "text decoder"
+
+
+COMPONENTS = ("text decoder", "embed_tokens", "per-layer table", "multimodal embedders", "vision tower", "audio tower")
+
+
+def footprint(config: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+              ple_device: str | torch.device | None = None) -> dict[str, dict[str, Any]]:
+    """Where `load` puts every component and its bytes, computed on the meta device (no GPU, no weights).
+
+    Returns component -> ``{"params", "bytes", "where"}`` with ``where`` "accelerator" or "host". Buffers
+    count with their module's component; the towers are stubs and hold nothing.
+    """
+    from transformers import Gemma3nForConditionalGeneration
+
+    from .ple import resolve_ple_device
+
+    device = torch.device(device)
+    table_device = resolve_ple_device(ple_device, device) if ple_device is not None else (
+        torch.device("cpu") if device.type != "cpu" else device)
+    with tower_stubs(), torch.device("meta"):
+        skeleton = Gemma3nForConditionalGeneration(config)
+    result = {c: {"params": 0, "bytes": 0, "where": "host"} for c in COMPONENTS}
+    tensors = [(name, t, True) for name, t in skeleton.named_parameters()] + \
+        [(name, t, False) for name, t in skeleton.named_buffers()]
+    for name, tensor, is_parameter in tensors:
+        if name == "lm_head.weight":
+            continue  # tied to embed_tokens
+        component = component_of(name)
+        entry = result[component]
+        on = table_device if component == "per-layer table" else device
+        entry["where"] = "host" if on.type == "cpu" else "accelerator"
+        size = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
+        if is_parameter:
+            entry["params"] += tensor.numel()
+        entry["bytes"] += tensor.numel() * size
+    return result
