@@ -158,24 +158,29 @@ def test_inject_respects_the_users_dtype(stock, ids):
 # ---- 2. the table drives the wiring --------------------------------------------------------------
 
 
-def test_a_new_row_is_one_line(stock, ids):
-    row = Point("q_in", LAYER, "[B,T,D]", "input of self_attn.q_proj", "normed active stream entering attention",
-                InputOf("self_attn.q_proj"))
-    model = copy.deepcopy(stock)
-    injection = g3n.inject(model, points=POINTS + (row,))
-    seen: list = []
-    handle = model.model.language_model.layers[2].q_in.register_forward_hook(
-        lambda m, a, o: seen.append(o.detach().clone()))
-    with torch.no_grad():
-        stock_forward(model, ids)
-    handle.remove()
+Q_IN = Point("q_in", LAYER, "[B,T,D]", "input of self_attn.q_proj", "normed active stream entering attention",
+             InputOf("self_attn.q_proj"))
+
+
+def _stock_q_proj_input(stock: nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
     reference: list = []
-    handle = stock.model.language_model.layers[2].self_attn.q_proj.register_forward_pre_hook(
+    handle = stock.model.language_model.layers[layer].self_attn.q_proj.register_forward_pre_hook(
         lambda m, a: reference.append(a[0].detach().clone()))
     with torch.no_grad():
         stock_forward(stock, ids)
     handle.remove()
-    assert torch.equal(seen[0], reference[0])
+    return reference[0]
+
+
+def test_a_new_row_is_one_line(stock, ids):
+    model = copy.deepcopy(stock)
+    injection = g3n.inject(model, points=POINTS + (Q_IN,))
+    seen: list = []
+    handle = tap(model.model.language_model.layers[2].q_in, seen)
+    with torch.no_grad():
+        stock_forward(model, ids)
+    handle.remove()
+    assert torch.equal(seen[0], _stock_q_proj_input(stock, ids, 2))
     injection.remove()
 
 
@@ -525,10 +530,8 @@ def test_remove_keeps_an_attention_choice_made_after_injection(stock_eager_copy)
 
 
 def test_a_new_row_fires_in_a_trace_between_its_neighbours(stock, ids):
-    row = Point("q_in", LAYER, "[B,T,D]", "input of self_attn.q_proj", "normed active stream entering attention",
-                InputOf("self_attn.q_proj"))
     table = list(POINTS)
-    table.insert(table.index(next(p for p in POINTS if p.name == "attn_z")), row)
+    table.insert(table.index(next(p for p in POINTS if p.name == "attn_z")), Q_IN)
     model = copy.deepcopy(stock)
     g3n.inject(model, points=table)
     probe = g3n.Gemma3nProbe(model)
@@ -537,13 +540,7 @@ def test_a_new_row_fires_in_a_trace_between_its_neighbours(stock, ids):
         q_in = probe.layers[2].q_in.output.save()
         attn_z = probe.layers[2].attn_z.output.save()
     expected = capture(stock, ids)
-    reference: list = []
-    handle = stock.model.language_model.layers[2].self_attn.q_proj.register_forward_pre_hook(
-        lambda m, a: reference.append(a[0].detach().clone()))
-    with torch.no_grad():
-        stock_forward(stock, ids)
-    handle.remove()
-    assert torch.equal(q_in, reference[0])
+    assert torch.equal(q_in, _stock_q_proj_input(stock, ids, 2))
     assert torch.equal(laurel, expected[("laurel", 2)]) and torch.equal(attn_z, expected[("attn_z", 2)])
 
 
