@@ -8,7 +8,7 @@
         logits = model.logits.output.save()
 """
 
-from . import matformer, synthetic
+from . import matformer, patching, synthetic
 from .audit import AuditReport, audit
 from .cache import ActivationCache, cache_dataset
 from .loading import CheckpointError, LoadReport, load
@@ -23,6 +23,7 @@ __all__ = [
     "audit",
     "cache_dataset",
     "matformer",
+    "patching",
     "CheckpointError",
     "Gemma3nProbe",
     "HookPoint",

@@ -1,0 +1,242 @@
+"""Activation patching sweeps with many patches per forward pass.
+
+A sweep asks, for every (point, layer, position): if this one value came from the other prompt, how
+much of the metric's difference does it restore? Answering it one patch per forward costs one
+forward per cell. `sweep` puts the patched variants on the batch axis instead: a chunk of N
+variants is one forward over N copies of the target prompt, row r carrying patch r. Stream stacks
+are patched on their own batch axis (dimension 1), attention patterns on their query position.
+
+    result = g3n.patching.sweep(model, clean_ids, corrupted_ids, metric=lambda logits: logits[:, -1, a] - logits[:, -1, b],
+                                points=["resid_mid", "ple_out"], layers=range(6))
+    result.plot()                       # a heatmap per point: layer × position
+
+``direction="denoise"`` (default) runs the corrupted prompt and writes clean values into it;
+``"noise"`` runs the clean prompt and writes corrupted values. Exactness: each entry equals what plain
+torch hooks on a stock model give for the same batch (tested with ``torch.equal``); against one patch
+per forward it differs only by how the batch size changes kernel rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .points import LAYER, POINTS, Point
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PatchingResult:
+    """Metric values of a sweep: ``values[point][layer, position]`` (NaN where nothing was patched).
+
+    ``baseline`` is the metric of the unpatched run, ``source`` the metric of the prompt the values came
+    from; `normalized` maps baseline to 0 and source to 1.
+    """
+
+    points: list[str]
+    layers: list[int]
+    positions: list[int]
+    values: dict[str, torch.Tensor]
+    baseline: float
+    source: float
+    direction: str
+    forwards: int = 0
+    tokens: list[str] = field(default_factory=list)
+
+    def normalized(self) -> dict[str, torch.Tensor]:
+        span = self.source - self.baseline
+        return {name: (v - self.baseline) / span if span else v * math.nan for name, v in self.values.items()}
+
+    def plot(self, normalized: bool = True, ax: Any = None) -> Any:
+        """One heatmap per point (layers × positions); returns the matplotlib figure."""
+        import matplotlib.pyplot as plt
+
+        data = self.normalized() if normalized else self.values
+        if ax is None:
+            fig, axes = plt.subplots(1, len(self.points), figsize=(3 + 3 * len(self.points), 3 + 0.25 * len(self.layers)),
+                                     squeeze=False)
+            axes = axes[0]
+        else:
+            fig, axes = ax.figure, [ax]
+        for axis, name in zip(axes, self.points):
+            image = axis.imshow(data[name].float().numpy(), aspect="auto", cmap="RdBu_r",
+                                vmin=-1 if normalized else None, vmax=1 if normalized else None)
+            axis.set_title(name)
+            axis.set_ylabel("layer")
+            axis.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
+            labels = self.tokens or [str(p) for p in self.positions]
+            axis.set_xticks(range(len(self.positions)), labels, rotation=90)
+            fig.colorbar(image, ax=axis)
+        fig.suptitle(f"activation patching ({self.direction}); "
+                     + ("0 = unpatched, 1 = source prompt" if normalized else "metric"))
+        fig.tight_layout()
+        return fig
+
+
+def _token_axis(point: Point) -> int:
+    """The position axis of a point's value (the query axis for attention patterns)."""
+    axes = point.shape.strip("[]").split(",")
+    return axes.index("T")
+
+
+def _batch_axis(point: Point) -> int:
+    return 1 if point.stack else 0
+
+
+def _encode(model: Any, prompt: Any) -> torch.Tensor:
+    from .cache import encode_inputs
+
+    ids, mask = encode_inputs(model, prompt)
+    if ids.shape[0] != 1:
+        raise ValueError(f"a sweep compares two single prompts; got a batch of {ids.shape[0]}")
+    return ids
+
+
+def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
+          layers: Iterable[int] | None = None, positions: Sequence[int] | None = None, direction: str = "denoise",
+          chunk: int = 32, logits_to_keep: int = 0) -> PatchingResult:
+    """Activation patching of ``points`` at every layer and position, ``chunk`` patched variants per forward.
+
+    Args:
+        clean, corrupted: two prompts (text or [1, T] token ids) of the same length in tokens.
+        metric: logits [N, T, V] -> [N], e.g. a logit difference at the last position.
+        points: per-layer point names (see `g3n_probe.points.POINTS`).
+        layers: layers to patch (default all); positions: token positions (default all; negative from the end).
+        direction: "denoise" writes clean values into the corrupted run, "noise" the reverse.
+        chunk: variants per forward: the memory budget (activations scale with it).
+        logits_to_keep: compute logits for the last n positions only (0: all), as in a trace; a metric
+            that reads only the last position (logits[:, -1]) can pass 1 and skip most of the lm_head.
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
+    by_name = {p.name: p for p in POINTS}
+    for name in points:
+        if name not in by_name or by_name[name].scope != LAYER:
+            per_layer = [p.name for p in POINTS if p.scope == LAYER]
+            raise ValueError(f"{name!r} is not a per-layer point; choose from {', '.join(per_layer)}")
+        reason = model.injection.unavailable(by_name[name])
+        if reason:
+            raise ValueError(reason)
+    clean_ids, corrupted_ids = _encode(model, clean), _encode(model, corrupted)
+    if clean_ids.shape != corrupted_ids.shape:
+        raise ValueError(f"clean and corrupted prompts must have the same number of tokens; got "
+                         f"{clean_ids.shape[1]} and {corrupted_ids.shape[1]}")
+    tokens = clean_ids.shape[1]
+    count = model.text_config.num_hidden_layers
+    layers = list(range(count)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < count]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has {count} layers")
+    positions = list(range(tokens)) if positions is None else [int(p) % tokens for p in positions]
+    source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
+
+    names = sorted(points, key=lambda n: [p.name for p in POINTS].index(n))
+    source = model.cache(source_ids, names, layers=layers, verbose=False)
+    with torch.no_grad(), model.trace(target_ids, logits_to_keep=logits_to_keep):
+        target_logits = model.logits.output.save()
+    with torch.no_grad(), model.trace(source_ids, logits_to_keep=logits_to_keep):
+        source_logits = model.logits.output.save()
+    baseline, reference = float(metric(target_logits)[0]), float(metric(source_logits)[0])
+
+    variants = [(layer, name, position) for layer in sorted(layers) for name in names for position in positions]
+    values = {name: torch.full((len(layers), len(positions)), math.nan) for name in names}
+    row_of_layer = {layer: i for i, layer in enumerate(layers)}
+    column_of = {position: j for j, position in enumerate(positions)}
+    forwards = 0
+    for start in range(0, len(variants), chunk):
+        group = variants[start:start + chunk]
+        scores = patched_metric(model, target_ids, group, source, by_name, metric, logits_to_keep)
+        forwards += 1
+        for (layer, name, position), score in zip(group, scores.tolist()):
+            values[name][row_of_layer[layer], column_of[position]] = score
+    labels = []
+    if model.tokenizer is not None:
+        labels = [model.tokenizer.decode([int(t)]) for t in target_ids[0, positions]]
+    return PatchingResult(points=names, layers=layers, positions=positions, values=values, baseline=baseline,
+                          source=reference, direction=direction, forwards=forwards, tokens=labels)
+
+
+def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[int, str, int]], source: dict,
+                   by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0) -> torch.Tensor:
+    """One forward over ``len(variants)`` copies of ``target_ids``; row r has variant r's value patched in.
+
+    A variant is (layer, point name, position); ``source`` maps ``"layers.<i>.<name>"`` to that point's
+    value on the source prompt. Writes are made in execution order (layer, then table order).
+    """
+    batch = target_ids.expand(len(variants), -1).contiguous()
+    order = [p.name for p in POINTS]
+    plan: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    for row, (layer, name, position) in enumerate(variants):
+        plan.setdefault((layer, name), []).append((row, position))
+    steps = sorted(plan, key=lambda key: (key[0], order.index(key[1])))
+    with torch.no_grad(), model.trace(batch, logits_to_keep=logits_to_keep):
+        for layer, name in steps:
+            point = by_name[name]
+            value = getattr(model.layers[layer], name).output
+            patch = source[f"layers.{layer}.{name}"]
+            for row, position in plan[(layer, name)]:
+                index = [slice(None)] * patch.dim()
+                index[_batch_axis(point)] = slice(row, row + 1)
+                index[_token_axis(point)] = position
+                source_index = list(index)
+                source_index[_batch_axis(point)] = slice(0, 1)
+                value[tuple(index)] = patch[tuple(source_index)].to(value.device)
+        logits = model.logits.output.save()
+    return metric(logits).detach().float().cpu()
+
+
+def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
+                layers: Iterable[int] | None = None, direction: str = "denoise") -> PatchingResult:
+    """Attribution patching: (source − target) · ∂metric/∂value at the target, for every point, layer and
+    position, from one forward and one backward on the target prompt (plus a forward on the source).
+
+    A first-order estimate of `sweep`'s entries (as metric changes, not normalised); the gradients are
+    stock autograd's, read at the points. ``values[point][layer, position]`` sums the product over all
+    other axes (streams, heads, features).
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+    by_name = {p.name: p for p in POINTS}
+    for name in points:
+        if name not in by_name or by_name[name].scope != LAYER:
+            raise ValueError(f"{name!r} is not a per-layer point")
+    clean_ids, corrupted_ids = _encode(model, clean), _encode(model, corrupted)
+    if clean_ids.shape != corrupted_ids.shape:
+        raise ValueError("clean and corrupted prompts must have the same number of tokens")
+    count = model.text_config.num_hidden_layers
+    layers = list(range(count)) if layers is None else [int(layer) for layer in layers]
+    source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
+    names = sorted(points, key=lambda n: [p.name for p in POINTS].index(n))
+    source = model.cache(source_ids, names, layers=layers, verbose=False)
+    order = [(layer, name) for layer in sorted(layers) for name in names]
+    grads: dict[tuple[int, str], Any] = {}
+    values: dict[tuple[int, str], Any] = {}
+    with model.trace(target_ids):
+        for layer, name in order:
+            values[(layer, name)] = getattr(model.layers[layer], name).output.save()
+        score = metric(model.logits.output).sum()
+        with score.backward():
+            for key in reversed(order):  # nnsight serves gradients in reverse execution order
+                grads[key] = values[key].grad.save()
+        baseline = score.detach().save()
+    with torch.no_grad(), model.trace(source_ids):
+        reference = metric(model.logits.output).sum().save()
+    tokens = target_ids.shape[1]
+    result = {name: torch.full((len(layers), tokens), math.nan) for name in names}
+    for (layer, name), grad in grads.items():
+        point = by_name[name]
+        delta = source[f"layers.{layer}.{name}"].to(grad.device, torch.float32) - values[(layer, name)].detach().float()
+        product = (delta * grad.float()).select(_batch_axis(point), 0)
+        token_axis = _token_axis(point) - (1 if _token_axis(point) > _batch_axis(point) else 0)
+        result[name][layers.index(layer)] = product.movedim(token_axis, 0).reshape(tokens, -1).sum(-1).cpu()
+    model._module.zero_grad(set_to_none=True)
+    labels = [model.tokenizer.decode([int(t)]) for t in target_ids[0]] if model.tokenizer is not None else []
+    return PatchingResult(points=names, layers=layers, positions=list(range(tokens)), values=result,
+                          baseline=float(baseline), source=float(reference), direction=direction, forwards=2,
+                          tokens=labels)
