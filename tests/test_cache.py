@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import subprocess
 import sys
 import textwrap
@@ -251,3 +252,11 @@ def test_the_run_states_the_bytes_it_will_write(probe, tmp_path, capsys):
     assert stated, "no size estimate printed"
     written = sum(p.stat().st_size for p in paths) / 1024**2
     assert abs(float(stated.group(1).replace(",", "")) - written) <= 0.02 * written + 0.05
+
+
+def test_positions_that_are_padding_in_some_row_warn(probe):
+    with pytest.warns(UserWarning, match=r"positions 0 is padding in rows \[1\].*count positions from the end"):
+        probe.cache(["def f(x):\n    return x", "import os"], ["layers.0.ple_out"], positions=[0], verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe.cache(["def f(x):\n    return x", "import os"], ["layers.0.ple_out"], positions=[-1], verbose=False)

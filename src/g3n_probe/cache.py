@@ -154,6 +154,15 @@ def cache(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int] 
         raise MemoryError(f"the cache would hold {total:,} bytes ({total / 1024**2:.1f} MiB), over max_bytes={max_bytes:,}; "
                           "choose fewer points, layers or positions")
     index = None if positions is None else torch.tensor([p % tokens for p in positions])
+    if index is not None and mask is not None:
+        padded = {int(p): (mask[:, p % tokens] == 0).nonzero().flatten().tolist() for p in positions}
+        padded = {p: rows for p, rows in padded.items() if rows}
+        if padded:
+            warnings.warn(
+                "positions " + "; ".join(f"{p} is padding in rows {rows}" for p, rows in padded.items())
+                + ": texts are padded on the left, so count positions from the end (-1 is every row's last token)",
+                stacklevel=2,
+            )
     saved: dict[str, Any] = {}
     with torch.no_grad(), model.trace(ids if mask is None else {"input_ids": ids, "attention_mask": mask}):
         for key, point, layer in resolved:
