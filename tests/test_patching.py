@@ -164,3 +164,23 @@ def test_on_the_default_attribution_ranks_like_the_real_sweep():
     assert spearman > 0.7, f"rank correlation {spearman:.3f}"  # 0.794 when written
     normalized = real.normalized()["attn_out"]
     assert normalized[5, -1] > 0.5  # layer 5's attention at the last position carries the copy
+
+
+def test_position_groups_are_patched_together(probe, stock):
+    group = (1, 2)  # the two tokens where the prompts differ
+    result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["attn_out"], layers=[0, 2],
+                                positions=[group, -1], chunk=4)
+    assert result.positions == [(1, 2), CLEAN.shape[1] - 1]
+    source = capture(stock, CLEAN)
+
+    def both(value):
+        value = value.clone()
+        value[:, list(group)] = source[("attn_out", 0)][:, list(group)]
+        return value
+
+    with edited(stock, "attn_out", 0, both), torch.no_grad():
+        expected = metric(stock_forward(stock, CORRUPTED).logits).float()
+    single = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["attn_out"], layers=[0], positions=[group],
+                                chunk=1)
+    assert torch.equal(single.values["attn_out"][0, 0:1], expected)
+    assert torch.allclose(result.values["attn_out"][0, 0:1], expected, atol=1e-4 * abs(result.source - result.baseline))

@@ -39,7 +39,7 @@ class PatchingResult:
 
     points: list[str]
     layers: list[int]
-    positions: list[int]
+    positions: list[int | tuple[int, ...]]  # a column is a position or a group patched together
     values: dict[str, torch.Tensor]
     baseline: float
     source: float
@@ -97,15 +97,17 @@ def _encode(model: Any, prompt: Any) -> torch.Tensor:
 
 
 def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
-          layers: Iterable[int] | None = None, positions: Sequence[int] | None = None, direction: str = "denoise",
-          chunk: int = 32, logits_to_keep: int = 0) -> PatchingResult:
+          layers: Iterable[int] | None = None, positions: Sequence[int | Sequence[int]] | None = None,
+          direction: str = "denoise", chunk: int = 32, logits_to_keep: int = 0) -> PatchingResult:
     """Activation patching of ``points`` at every layer and position, ``chunk`` patched variants per forward.
 
     Args:
         clean, corrupted: two prompts (text or [1, T] token ids) of the same length in tokens.
         metric: logits [N, T, V] -> [N], e.g. a logit difference at the last position.
         points: per-layer point names (see `g3n_probe.points.POINTS`).
-        layers: layers to patch (default all); positions: token positions (default all; negative from the end).
+        layers: layers to patch (default all).
+        positions: token positions (default all; negative from the end); an entry that is a list of
+            positions is a group, patched together as one column (e.g. every token of a name).
         direction: "denoise" writes clean values into the corrupted run, "noise" the reverse.
         chunk: variants per forward: the memory budget (activations scale with it).
         logits_to_keep: compute logits for the last n positions only (0: all), as in a trace; a metric
@@ -133,7 +135,7 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
     bad = [layer for layer in layers if not 0 <= layer < count]
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has {count} layers")
-    positions = list(range(tokens)) if positions is None else [int(p) % tokens for p in positions]
+    positions = list(range(tokens)) if positions is None else [_column(p, tokens) for p in positions]
     source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
 
     names = sorted(points, key=lambda n: [p.name for p in POINTS].index(n))
@@ -157,9 +159,19 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
             values[name][row_of_layer[layer], column_of[position]] = score
     labels = []
     if model.tokenizer is not None:
-        labels = [model.tokenizer.decode([int(t)]) for t in target_ids[0, positions]]
+        labels = [model.tokenizer.decode([int(t) for t in target_ids[0, list(p) if isinstance(p, tuple) else [p]]])
+                  for p in positions]
     return PatchingResult(points=names, layers=layers, positions=positions, values=values, baseline=baseline,
                           source=reference, direction=direction, forwards=forwards, tokens=labels)
+
+
+def _column(position: int | Sequence[int], tokens: int) -> int | tuple[int, ...]:
+    if isinstance(position, Sequence) and not isinstance(position, str):
+        group = tuple(sorted({int(p) % tokens for p in position}))
+        if not group:
+            raise ValueError("an empty position group patches nothing")
+        return group
+    return int(position) % tokens
 
 
 def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[int, str, int]], source: dict,
@@ -183,7 +195,7 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[in
             for row, position in plan[(layer, name)]:
                 index = [slice(None)] * patch.dim()
                 index[_batch_axis(point)] = slice(row, row + 1)
-                index[_token_axis(point)] = position
+                index[_token_axis(point)] = list(position) if isinstance(position, tuple) else position
                 source_index = list(index)
                 source_index[_batch_axis(point)] = slice(0, 1)
                 value[tuple(index)] = patch[tuple(source_index)].to(value.device)
