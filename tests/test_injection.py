@@ -579,3 +579,11 @@ def test_tensors_returned_outside_a_trace_carry_no_marks(injected, stock, ids):
     with torch.no_grad():
         ours = stock_forward(injected, ids, output_hidden_states=True)
     assert not any(hasattr(h, "_g3n_batch_dim") for h in ours.hidden_states)
+
+
+def test_a_probe_whose_points_were_removed_says_so(stock, ids):
+    probe = g3n.Gemma3nProbe(copy.deepcopy(stock))
+    probe.injection.remove()
+    with pytest.raises(ValueError, match=r"layers.2.attn_z was removed from this model"):
+        with probe.trace(ids):
+            probe.layers[2].attn_z.output.save()

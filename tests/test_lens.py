@@ -77,3 +77,13 @@ def test_logit_lens_table(probe):
 def test_logit_lens_last_position(probe):
     table = probe.logit_lens("abc", k=2, positions=[-1])
     assert len(table.tokens) == 1 and table.probabilities.shape[1] == 1
+
+
+def test_logit_lens_without_a_tokenizer_says_so(stock):
+    import copy
+
+    import g3n_probe as g3n
+
+    probe = g3n.Gemma3nProbe(copy.deepcopy(stock))
+    with pytest.raises(ValueError, match="logit_lens names tokens, so it needs a tokenizer"):
+        probe.logit_lens(torch.tensor([[2, 5, 6]]))

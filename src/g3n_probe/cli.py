@@ -159,9 +159,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .loading import COMPONENTS, footprint
 
     stored = stored_components(directory)
-    dtype = getattr(__import__("torch"), args.dtype)
-    plan = footprint(config, device=args.device, dtype=dtype)
-    components = Table(title=f"Components (loaded = what g3n.load(device={args.device!r}) allocates, {args.dtype}, and where)")
+    import torch
+
+    from .loading import _resolve_device, _resolve_dtype
+
+    device = torch.device(args.device) if args.device else _resolve_device(None)
+    dtype = _resolve_dtype(args.dtype, device)  # what g3n.load would pick for this device
+    plan = footprint(config, device=device, dtype=dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    components = Table(title=f"Components (loaded = what g3n.load(device={device.type!r}) allocates, {dtype_name}, and where)")
     for column in ("component", "stored params", "stored bytes", "loaded params", "loaded bytes", "lives on"):
         components.add_column(column, justify="right" if column not in ("component", "lives on") else "left")
     for name in COMPONENTS:
@@ -260,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
     info = sub.add_parser("info", help="config, components (stored vs loaded) and layers of a checkpoint")
     info.add_argument("source", nargs="?", default=None, help="checkpoint directory or cached hub id (default: bundled)")
-    info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    info.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                      help="plan where every component would live (needs no GPU)")
+    info.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                      help="default: what g3n.load picks (bfloat16 on cuda, float32 on cpu)")
+    info.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                      help="plan where every component would live (needs no GPU); default: what g3n.load picks")
     info.set_defaults(func=cmd_info)
 
     points = sub.add_parser("points", help="the intervention-point table, with concrete shapes")

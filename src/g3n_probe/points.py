@@ -349,6 +349,7 @@ class HookPoint(nn.Module):
         self.text_config = config
         self.pending: torch.Tensor | None = None  # a LayerArgument kept until the layer's body starts
         self.served: dict | None = None  # the injection's record of what was served in a trace
+        self.attached = True  # False once Injection.remove() took it off the model
 
     @property
     def qualified_name(self) -> str:
@@ -778,6 +779,8 @@ class Injection:
         """Detach everything, in reverse order. The model is then exactly as before `inject`."""
         while self.attached:
             self.attached.pop().remove()
+        for point in self.points.values():
+            point.attached = False
         self.points.clear()
         self.guards.clear()
         self.stateful.clear()

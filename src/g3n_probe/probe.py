@@ -80,6 +80,9 @@ class PointEnvoy(Envoy):
     """The envoy of a `HookPoint`: refuses points that never fire in this model, with the reason."""
 
     def _require(self) -> None:
+        if not self._module.attached:
+            raise ValueError(f"point {self._module.qualified_name} was removed from this model (Injection.remove()); "
+                             "wrap the model again with g3n.Gemma3nProbe(model) to get points back")
         reason = self._module.available()
         if reason is not None:
             raise ValueError(reason)
@@ -307,6 +310,9 @@ class Gemma3nProbe(TransformersModel):
         from .cache import encode_inputs
         from .lens import LogitLensTable, mask_non_text, text_vocabulary_mask
 
+        if self.tokenizer is None:
+            raise ValueError("logit_lens names tokens, so it needs a tokenizer: pass tokenizer=... to g3n.load or "
+                             "Gemma3nProbe (model.lens(stack) gives the logits without one)")
         layers = self.text_config.num_hidden_layers
         stacks = []
         with torch.no_grad(), self.trace(prompt):
