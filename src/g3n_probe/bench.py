@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -220,4 +221,93 @@ def _markdown(results: dict) -> str:
                 f"{k}: device {_fmt_bytes(v['device_bytes'])}, RSS {_fmt_bytes(v['host_rss_bytes'])}" for k, v in marks.items())]
             first, last = marks[keys[0]], marks[keys[-1]]
             lines.append(f"RSS growth {keys[0]} → {keys[-1]}: {(last['host_rss_bytes'] - first['host_rss_bytes']) / 1024**2:.1f} MiB")
+    return "\n".join(lines)
+
+
+# ---- the GPU check: every performance target, stock beside g3n_probe, in one run ----------------------
+
+GIB = 1024**3
+
+
+def check_targets(results: dict) -> list[dict[str, Any]]:
+    """The targets of the GPU check, evaluated on `run_bench`'s results (rows with ``ok``; G1 and G5 are
+    reported without a target). Missing measurements (a shape not run, no device memory on CPU) are skipped."""
+    variants = results["variants"]
+    stock = variants.get("stock_text", {}).get("shapes", {})
+    on_device = variants.get("g3n_table_device", {}).get("shapes", {})
+    on_host = variants.get("g3n_table_host", {}).get("shapes", {})
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, what: str, value: float | None, limit: float | None, unit: str) -> None:
+        if value is not None:
+            rows.append({"target": target, "what": what, "value": value, "limit": limit, "unit": unit,
+                         "ok": None if limit is None else value <= limit})
+
+    for name, entry in variants.items():
+        resident = entry.get("resident_device_bytes")
+        add("G1", f"resident accelerator memory after load: {name}", None if resident is None else resident / GIB,
+            None, "GiB")
+    peak = on_host.get("1x2048", {}).get("trace_peak_device_bytes")
+    add("G2", "peak accelerator memory, B1×T2048 trace reading last-position logits (table on host)",
+        None if peak is None else peak / GIB, 6.0, "GiB")
+    for shape in ("1x128", "8x512"):
+        if shape in stock and shape in on_device:
+            base = stock[shape]["forward_seconds"]
+            add("G3", f"injected, untouched / stock, {shape}", on_device[shape]["forward_seconds"] / base, 1.02, "×")
+            if "trace_all_seconds" in on_device[shape]:
+                add("G3", f"every point of every layer saved / stock, {shape}",
+                    on_device[shape]["trace_all_seconds"] / base, 1.10, "×")
+        if shape in on_host and shape in on_device:
+            add("G4", f"table on the host / on the accelerator, {shape}",
+                on_host[shape]["forward_seconds"] / on_device[shape]["forward_seconds"], 1.05, "×")
+    for key, what in (("load_to_first_trace_seconds", "g3n.load call to the first finished trace"),
+                      ("text_bytes_read_seconds", "reading the text tensors' bytes alone")):
+        if key in results.get("load", {}):
+            add("G5", what, results["load"][key], None, "s")
+    return rows
+
+
+def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
+    """G5: from the `g3n_probe.load` call to the first finished trace, and the time to read the text bytes."""
+    from .loading import load, tensor_offsets, weight_map
+
+    text_bytes = 0
+    start = time.perf_counter()
+    by_file: dict[str, list[str]] = {}
+    for key, filename in weight_map(checkpoint).items():
+        if key.startswith(("model.language_model.", "model.embed_vision.", "model.embed_audio.")):
+            by_file.setdefault(filename, []).append(key)
+    buffer = bytearray(16 * 1024**2)
+    for filename, keys in by_file.items():
+        offsets = tensor_offsets(checkpoint / filename)
+        with open(checkpoint / filename, "rb", buffering=0) as handle:
+            for key in keys:
+                stored, shape, first = offsets[key]
+                size = math.prod(shape) * {"F32": 4, "F64": 8}.get(stored, 2)
+                handle.seek(first)
+                left = size
+                while left:
+                    got = handle.readinto(memoryview(buffer)[: min(left, len(buffer))])
+                    if not got:
+                        break
+                    left -= got
+                text_bytes += size
+    read_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    model = load(checkpoint, device=device)
+    ids = torch.randint(3, model.text_config.vocab_size_per_layer_input, (1, 16), device=device)
+    with torch.no_grad(), model.trace(ids, logits_to_keep=1):
+        model.logits.output.save()
+    _sync(torch.device(device))
+    seconds = time.perf_counter() - start
+    del model
+    return {"load_to_first_trace_seconds": seconds, "text_bytes_read_seconds": read_seconds, "text_bytes": text_bytes}
+
+
+def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:
+    lines = [f"GPU check on {device_name}", "", "| target | what | measured | limit | |", "|---|---|---|---|---|"]
+    for row in rows:
+        limit = "" if row["limit"] is None else f"≤ {row['limit']:g} {row['unit']}"
+        verdict = "" if row["ok"] is None else ("ok" if row["ok"] else "**missed**")
+        lines.append(f"| {row['target']} | {row['what']} | {row['value']:.3f} {row['unit']} | {limit} | {verdict} |")
     return "\n".join(lines)

@@ -251,8 +251,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     preset = args.preset or ("e2b" if args.device.startswith("cuda") else "tiny")
     out = _writable_directory(Path(args.out))
-    run_bench(preset, device=args.device, shapes=args.shapes or None, repeats=args.repeats,
-              leak_traces=args.leak_traces, out_dir=out, print_fn=console.print)
+    results = run_bench(preset, device=args.device, shapes=args.shapes or None, repeats=args.repeats,
+                        leak_traces=args.leak_traces, out_dir=out, print_fn=console.print)
+    if not args.check:
+        return 0
+    return _gpu_check(args, preset, out, results)
+
+
+def _gpu_check(args: argparse.Namespace, preset: str, out: Path, results: dict) -> int:
+    """Every performance target in one run: writes the synthetic checkpoint, measures G5 on it, evaluates
+    G1–G5 on the run's figures, writes gpu_check_<device>_<preset>.{json,md}, and fails on a missed target."""
+    import json
+    import shutil
+    import tempfile
+
+    from .bench import check_markdown, check_targets, measure_load
+    from .synthetic import save_checkpoint
+
+    scratch = Path(tempfile.mkdtemp(prefix="g3n_gpu_check_"))
+    try:
+        console.print(f"writing the synthetic {preset} checkpoint to {scratch} ...")
+        checkpoint = save_checkpoint(scratch / preset, preset)
+        results["load"] = measure_load(checkpoint, args.device)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = check_targets(results)
+    text = check_markdown(rows, results["device"])
+    console.print(text, markup=False)
+    stem = f"gpu_check_{args.device.split(':')[0]}_{preset}"
+    (out / f"{stem}.json").write_text(json.dumps({"results": results, "targets": rows}, indent=2, default=str))
+    (out / f"{stem}.md").write_text(text + "\n")
+    missed = [f"{r['target']} {r['what']}: {r['value']:.3f} {r['unit']} (limit {r['limit']:g})" for r in rows if r["ok"] is False]
+    if missed:
+        console.print("error: targets missed: " + "; ".join(missed), markup=False)
+        return 1
     return 0
 
 
@@ -298,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=_positive_int, default=5)
     bench.add_argument("--leak-traces", type=_non_negative_int, default=500)
     bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--check", action="store_true",
+                       help="the GPU check: also write the synthetic checkpoint, time load-to-first-trace, and "
+                            "fail (exit 1) on any missed target (see `make gpu-check`)")
     bench.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
