@@ -587,3 +587,9 @@ def test_a_probe_whose_points_were_removed_says_so(stock, ids):
     with pytest.raises(ValueError, match=r"layers.2.attn_z was removed from this model"):
         with probe.trace(ids):
             probe.layers[2].attn_z.output.save()
+
+
+def test_a_point_absent_from_this_kind_of_model_says_why(stock, text_ids):
+    probe = g3n.Gemma3nProbe(copy.deepcopy(stock.model.language_model))
+    with pytest.raises(AttributeError, match="no 'logits' point: Gemma3nTextModel has no lm_head"):
+        probe.logits

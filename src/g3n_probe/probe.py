@@ -249,6 +249,15 @@ class Gemma3nProbe(TransformersModel):
         self.pipeline = _ModelOnly(module, self.task)
         return module
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            injection = self.__dict__.get("injection")
+            if injection is not None and name in injection.absent:
+                raise AttributeError(f"this model has no {name!r} point: {injection.absent[name]}") from None
+            raise
+
     # ---- accessors ----
 
     @property
