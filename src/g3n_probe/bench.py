@@ -23,6 +23,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -269,29 +270,29 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
 
 def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
     """G5: from the `g3n_probe.load` call to the first finished trace, and the time to read the text bytes."""
-    from .loading import load, tensor_offsets, weight_map
+    from ._util import SAFETENSORS_DTYPE_BYTES
+    from .loading import is_text_key, load, read_exactly, tensor_offsets, weight_map
 
     text_bytes = 0
     start = time.perf_counter()
     by_file: dict[str, list[str]] = {}
     for key, filename in weight_map(checkpoint).items():
-        if key.startswith(("model.language_model.", "model.embed_vision.", "model.embed_audio.")):
+        if is_text_key(key):
             by_file.setdefault(filename, []).append(key)
-    buffer = bytearray(16 * 1024**2)
+    buffer = torch.empty(16 * 1024**2, dtype=torch.uint8).numpy()
     for filename, keys in by_file.items():
-        offsets = tensor_offsets(checkpoint / filename)
-        with open(checkpoint / filename, "rb", buffering=0) as handle:
+        path = checkpoint / filename
+        offsets = tensor_offsets(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
             for key in keys:
                 stored, shape, first = offsets[key]
-                size = math.prod(shape) * {"F32": 4, "F64": 8}.get(stored, 2)
-                handle.seek(first)
-                left = size
-                while left:
-                    got = handle.readinto(memoryview(buffer)[: min(left, len(buffer))])
-                    if not got:
-                        break
-                    left -= got
+                size = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[stored]
+                for done in range(0, size, len(buffer)):
+                    read_exactly(fd, first + done, buffer[: min(len(buffer), size - done)], path)
                 text_bytes += size
+        finally:
+            os.close(fd)
     read_seconds = time.perf_counter() - start
     start = time.perf_counter()
     model = load(checkpoint, device=device)

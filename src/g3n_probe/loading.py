@@ -209,7 +209,7 @@ def open_safetensors(path: Path):
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {error}") from None
 
 
-def _is_text_key(key: str) -> bool:
+def is_text_key(key: str) -> bool:
     return key.startswith(TEXT_PREFIXES)
 
 
@@ -219,7 +219,7 @@ def expected_text_shapes(config) -> dict[str, torch.Size]:
 
     with tower_stubs(), torch.device("meta"):
         skeleton = Gemma3nForConditionalGeneration(config)
-    return {k: v.shape for k, v in skeleton.state_dict().items() if _is_text_key(k)}
+    return {k: v.shape for k, v in skeleton.state_dict().items() if is_text_key(k)}
 
 
 def _check_layer_count(directory: Path, config: Any, mapping: dict[str, str]) -> None:
@@ -280,7 +280,7 @@ def load_text_model(
     kv_shared = _kv_shared_layers(config)
     text_keys = {}
     for key, filename in mapping.items():
-        if not _is_text_key(key):
+        if not is_text_key(key):
             continue
         match = _KV_SHARED_KEY.match(key)
         if match and int(match.group(1)) in kv_shared:
@@ -289,7 +289,7 @@ def load_text_model(
         text_keys[key] = filename
     tower_files = {kind: {k: f for k, f in mapping.items() if k.startswith(prefix)} for kind, prefix in TOWERS.items()}
     report.tower_tensors_in_checkpoint = {kind: len(v) for kind, v in tower_files.items()}
-    stray = sorted(k for k in mapping if not _is_text_key(k) and not k.startswith(tuple(TOWERS.values())))
+    stray = sorted(k for k in mapping if not is_text_key(k) and not k.startswith(tuple(TOWERS.values())))
     stray = [k for k in stray if k != "lm_head.weight"]
 
     expected = expected_text_shapes(config)
@@ -414,13 +414,13 @@ def read_into_own_storage(path: Path, keys: list[str], dtype: torch.dtype) -> di
         source_dtype = _TORCH_DTYPES[offsets[key][0]]
         flat = result[key].view(-1)[first:first + count]
         if source_dtype == dtype:
-            _read_exactly(fd, offset, flat.view(torch.uint8).numpy(), path)
+            read_exactly(fd, offset, flat.view(torch.uint8).numpy(), path)
             return
         staging = getattr(local, "staging", None)
         if staging is None:
             staging = local.staging = torch.empty(_PIECE_BYTES, dtype=torch.uint8)
         chunk = staging[: count * source_dtype.itemsize]
-        _read_exactly(fd, offset, chunk.numpy(), path)
+        read_exactly(fd, offset, chunk.numpy(), path)
         flat.copy_(chunk.view(source_dtype))
 
     try:
@@ -431,7 +431,8 @@ def read_into_own_storage(path: Path, keys: list[str], dtype: torch.dtype) -> di
     return result
 
 
-def _read_exactly(fd: int, offset: int, into: Any, path: Path) -> None:
+def read_exactly(fd: int, offset: int, into: Any, path: Path) -> None:
+    """Fill ``into`` (a writable buffer) from ``fd`` at ``offset``; a short file is a `CheckpointError`."""
     view, done = memoryview(into).cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -566,8 +567,7 @@ def footprint(config: Any, device: str | torch.device = "cpu", dtype: torch.dtyp
     from .ple import resolve_ple_device
 
     device = torch.device(device)
-    table_device = resolve_ple_device(ple_device, device) if ple_device is not None else (
-        torch.device("cpu") if device.type != "cpu" else device)
+    table_device = resolve_ple_device(ple_device, device)
     with tower_stubs(), torch.device("meta"):
         skeleton = Gemma3nForConditionalGeneration(config)
     result = {c: {"params": 0, "bytes": 0, "where": "host"} for c in COMPONENTS}

@@ -96,6 +96,35 @@ def _encode(model: Any, prompt: Any) -> torch.Tensor:
     return ids
 
 
+def _prepare(model: Any, clean: Any, corrupted: Any, points: Sequence[str], layers: Iterable[int] | None,
+             direction: str) -> tuple[list[str], dict[str, Point], list[int], torch.Tensor, torch.Tensor]:
+    """Checked arguments shared by `sweep` and `attribution`: the point names in execution order, the
+    table rows by name, the layers, and the (source, target) token ids for ``direction``."""
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
+    by_name = {p.name: p for p in POINTS}
+    for name in points:
+        if name not in by_name or by_name[name].scope != LAYER:
+            per_layer = [p.name for p in POINTS if p.scope == LAYER]
+            raise ValueError(f"{name!r} is not a per-layer point; choose from {', '.join(per_layer)}")
+        reason = model.injection.unavailable(by_name[name])
+        if reason:
+            raise ValueError(reason)
+    clean_ids, corrupted_ids = _encode(model, clean), _encode(model, corrupted)
+    if clean_ids.shape != corrupted_ids.shape:
+        raise ValueError(f"clean and corrupted prompts must have the same number of tokens; got "
+                         f"{clean_ids.shape[1]} and {corrupted_ids.shape[1]}")
+    count = model.text_config.num_hidden_layers
+    layers = list(range(count)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < count]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has {count} layers")
+    order = [p.name for p in POINTS]
+    names = sorted(points, key=order.index)
+    source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
+    return names, by_name, layers, source_ids, target_ids
+
+
 def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
           layers: Iterable[int] | None = None, positions: Sequence[int | Sequence[int]] | None = None,
           direction: str = "denoise", chunk: int = 32, logits_to_keep: int = 0) -> PatchingResult:
@@ -113,32 +142,11 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
         logits_to_keep: compute logits for the last n positions only (0: all), as in a trace; a metric
             that reads only the last position (logits[:, -1]) can pass 1 and skip most of the lm_head.
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
-    by_name = {p.name: p for p in POINTS}
-    for name in points:
-        if name not in by_name or by_name[name].scope != LAYER:
-            per_layer = [p.name for p in POINTS if p.scope == LAYER]
-            raise ValueError(f"{name!r} is not a per-layer point; choose from {', '.join(per_layer)}")
-        reason = model.injection.unavailable(by_name[name])
-        if reason:
-            raise ValueError(reason)
-    clean_ids, corrupted_ids = _encode(model, clean), _encode(model, corrupted)
-    if clean_ids.shape != corrupted_ids.shape:
-        raise ValueError(f"clean and corrupted prompts must have the same number of tokens; got "
-                         f"{clean_ids.shape[1]} and {corrupted_ids.shape[1]}")
-    tokens = clean_ids.shape[1]
-    count = model.text_config.num_hidden_layers
-    layers = list(range(count)) if layers is None else [int(layer) for layer in layers]
-    bad = [layer for layer in layers if not 0 <= layer < count]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: this model has {count} layers")
+    names, by_name, layers, source_ids, target_ids = _prepare(model, clean, corrupted, points, layers, direction)
+    tokens = target_ids.shape[1]
     positions = list(range(tokens)) if positions is None else [_column(p, tokens) for p in positions]
-    source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
-
-    names = sorted(points, key=lambda n: [p.name for p in POINTS].index(n))
     source = model.cache(source_ids, names, layers=layers, verbose=False)
     with torch.no_grad(), model.trace(target_ids, logits_to_keep=logits_to_keep):
         target_logits = model.logits.output.save()
@@ -212,19 +220,7 @@ def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: 
     stock autograd's, read at the points. ``values[point][layer, position]`` sums the product over all
     other axes (streams, heads, features).
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
-    by_name = {p.name: p for p in POINTS}
-    for name in points:
-        if name not in by_name or by_name[name].scope != LAYER:
-            raise ValueError(f"{name!r} is not a per-layer point")
-    clean_ids, corrupted_ids = _encode(model, clean), _encode(model, corrupted)
-    if clean_ids.shape != corrupted_ids.shape:
-        raise ValueError("clean and corrupted prompts must have the same number of tokens")
-    count = model.text_config.num_hidden_layers
-    layers = list(range(count)) if layers is None else [int(layer) for layer in layers]
-    source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
-    names = sorted(points, key=lambda n: [p.name for p in POINTS].index(n))
+    names, by_name, layers, source_ids, target_ids = _prepare(model, clean, corrupted, points, layers, direction)
     source = model.cache(source_ids, names, layers=layers, verbose=False)
     order = [(layer, name) for layer in sorted(layers) for name in names]
     grads: dict[tuple[int, str], Any] = {}

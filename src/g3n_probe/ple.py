@@ -15,7 +15,6 @@ values are the stock values bit for bit (a gather and one elementwise multiply).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,17 +36,14 @@ def resolve_ple_device(ple_device: str | torch.device | None, device: torch.devi
     return resolved
 
 
-def host_resident(table: nn.Module, compute_device: torch.device) -> HostLookup:
+def host_resident(table: nn.Module, compute_device: torch.device) -> list:
     """Serve ``table`` (the stock per-layer embedding module, weight on the host) to ``compute_device``.
 
     Two torch hooks and no replaced ``forward``: a pre-hook sends the ids to the table's device, a
-    forward hook sends the gathered rows to ``compute_device``. Returns what removes them.
+    forward hook sends the gathered rows to ``compute_device``. Returns the two hook handles.
     """
-    device = torch.device(compute_device)
-    return HostLookup([
-        table.register_forward_pre_hook(functools.partial(_ids_to_table, table)),
-        table.register_forward_hook(functools.partial(_rows_to_device, device)),
-    ], device)
+    return [table.register_forward_pre_hook(_ids_to_table),
+            table.register_forward_hook(functools.partial(_rows_to_device, torch.device(compute_device)))]
 
 
 def is_host_resident(table: nn.Module) -> bool:
@@ -56,17 +52,7 @@ def is_host_resident(table: nn.Module) -> bool:
                for hook in table._forward_hooks.values())
 
 
-@dataclass
-class HostLookup:
-    handles: list
-    compute_device: torch.device
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _ids_to_table(table: nn.Module, module: nn.Module, args: tuple) -> tuple:
+def _ids_to_table(table: nn.Module, args: tuple) -> tuple:
     return (args[0].to(table.weight.device), *args[1:])
 
 

@@ -68,6 +68,13 @@ class InjectionError(ValueError):
 # ==================================================================================================
 
 
+class Route:
+    """What every route offers besides ``attach``: whether it applies to this kind of model."""
+
+    def applies(self, root: nn.Module) -> str | None:
+        return None  # None: it applies; otherwise why not
+
+
 @dataclass(frozen=True)
 class SplitLast:
     """Show the last dimension as ``(config.<count>, rest)``: per-head or per-layer views.
@@ -87,7 +94,7 @@ class SplitLast:
 
 
 @dataclass(frozen=True)
-class OutputOf:
+class OutputOf(Route):
     path: str
     view: SplitLast | None = None
 
@@ -97,7 +104,7 @@ class OutputOf:
 
 
 @dataclass(frozen=True)
-class InputOf:
+class InputOf(Route):
     """A module's first argument. ``in_place``: a write is copied into the original tensor (an inline
     value the stock forward uses again later); ``private_copy_of`` names a keyword of the scope's
     forward through which a caller may hand that tensor in (``inputs_embeds``): it is copied on entry,
@@ -125,7 +132,7 @@ class InputOf:
 
 
 @dataclass(frozen=True)
-class MethodResult:
+class MethodResult(Route):
     """The return value of ``path`` (a method of a submodule); ``inside``: only the calls made while
     that other method of the same module runs (the AltUp router runs in both predict and correct);
     ``snapshot``: the stock forward continues with a copy, because it mutates the result in place."""
@@ -148,7 +155,7 @@ class MethodResult:
 
 
 @dataclass(frozen=True)
-class LayerArgument:
+class LayerArgument(Route):
     """An argument of the decoder layer (``per_layer_input``). A forward pre-hook keeps it; the point
     fires when ``served_by`` (the first call of the layer's body) runs, so nnsight sees it after the
     layer's ``.input``, in execution order. A write is copied into the tensor the body uses."""
@@ -167,7 +174,7 @@ class LayerArgument:
 
 
 @dataclass(frozen=True)
-class ModuleItself:
+class ModuleItself(Route):
     """The value is the output of a stock module (``laurel``): its envoy already is the point."""
 
     path: str
@@ -178,7 +185,7 @@ class ModuleItself:
 
 
 @dataclass(frozen=True)
-class RootOutput:
+class RootOutput(Route):
     """A field of the root model's output. A forward hook on the root leaves the stock ``forward``
     and its signature untouched; nnsight therefore serves this point after ``model.output``."""
 
@@ -194,7 +201,7 @@ class RootOutput:
 
 
 @dataclass(frozen=True)
-class AttentionWeights:
+class AttentionWeights(Route):
     """Eager attention probabilities of ``path`` (the layer's attention module).
 
     On a model whose text config uses eager attention, the config is switched to
@@ -215,9 +222,6 @@ class AttentionWeights:
                 undo.append(_RestoreAttention(config, "eager"))
         _set_plain(attention, _PATTERN_ATTR, point)
         return [*undo, _DeleteAttribute(attention, _PATTERN_ATTR)]
-
-
-Route = OutputOf | InputOf | MethodResult | LayerArgument | ModuleItself | RootOutput | AttentionWeights
 
 
 # ==================================================================================================
@@ -737,7 +741,6 @@ class Injection:
     guards: list[StackGuard] = field(default_factory=list)
     attached: list = field(default_factory=list)
     served: dict[int, HookPoint] = field(default_factory=dict)  # id(tensor) -> point, for .grad errors
-    stateful: list = field(default_factory=list)  # what holds per-forward state: see `reset`
 
     @staticmethod
     def of(model: nn.Module) -> Injection | None:
@@ -772,7 +775,8 @@ class Injection:
     def reset(self) -> None:
         """Forget per-forward state (kept arguments, pending checks, calls in progress): a forward
         that completes leaves none, one that was interrupted or skipped a layer's body may."""
-        for stateful in self.stateful:
+        routes = {id(r.route): r.route for r in self.attached if isinstance(r, _ReleaseRoute)}
+        for stateful in [*self.guards, *routes.values(), *self.points.values()]:
             stateful.reset()
 
     def remove(self) -> None:
@@ -783,7 +787,6 @@ class Injection:
             point.attached = False
         self.points.clear()
         self.guards.clear()
-        self.stateful.clear()
         self.root.__dict__.pop(_INJECTION_ATTR, None)
 
     def __repr__(self) -> str:
@@ -829,16 +832,13 @@ def inject(model: nn.Module, points: Sequence[Point] = POINTS) -> Injection:
     except BaseException:
         injection.remove()
         raise
-    routes = {id(r.route): r.route for r in injection.attached if isinstance(r, _ReleaseRoute)}
-    kept = [point for point in injection.points.values() if isinstance(point.point.route, LayerArgument)]
-    injection.stateful = [*injection.guards, *routes.values(), *kept]
     _set_plain(model, _INJECTION_ATTR, injection)
     return injection
 
 
 def _attach_row(injection: Injection, row: Point, index: int | None, scope: nn.Module, config: Any) -> None:
     qualified = row.name if index is None else f"layers.{index}.{row.name}"
-    reason = row.route.applies(injection.root) if hasattr(row.route, "applies") else None
+    reason = row.route.applies(injection.root)
     if reason is not None:
         injection.absent[qualified] = reason
         return

@@ -382,16 +382,15 @@ class Gemma3nProbe(TransformersModel):
         self._check_ids(kwargs.get("input_ids"))
 
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        if inputs:
-            _check_input(inputs[0])
         kwargs.setdefault("tracer_cls", ExclusiveTracer)
         return super().trace(*inputs, **kwargs)
 
     def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
         if inputs:
             _check_input(inputs[0])
-        if self.tokenizer is None and inputs and isinstance(inputs[0], (str, list)) and \
-                any(isinstance(item, str) for item in ([inputs[0]] if isinstance(inputs[0], str) else inputs[0])):
+        first = inputs[0] if inputs else None
+        texts = [first] if isinstance(first, str) else first if isinstance(first, list) else []
+        if self.tokenizer is None and any(isinstance(text, str) for text in texts):
             raise ValueError("this model has no tokenizer, so it takes token ids (an integer tensor [batch, tokens]), "
                              "not text: pass tokenizer=... to g3n.load or Gemma3nProbe")
         return super()._batch_size(*inputs, **kwargs)
