@@ -8,7 +8,7 @@
         logits = model.logits.output.save()
 """
 
-from . import matformer, patching, synthetic
+from . import hub, matformer, patching, synthetic
 from .audit import AuditReport, audit
 from .cache import ActivationCache, cache_dataset
 from .loading import CheckpointError, LoadReport, load
@@ -22,6 +22,7 @@ __all__ = [
     "AuditReport",
     "audit",
     "cache_dataset",
+    "hub",
     "matformer",
     "patching",
     "CheckpointError",

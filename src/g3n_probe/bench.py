@@ -25,6 +25,7 @@ import json
 import math
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -265,7 +266,36 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
                       ("text_bytes_read_seconds", "reading the text tensors' bytes alone")):
         if key in results.get("load", {}):
             add("G5", what, results["load"][key], None, "s")
+    load = results.get("load", {})
+    if "host_rss_added_bytes" in load:
+        add("G5", "host memory the load added (peak RSS − RSS before) / (per-layer table + 1 GiB)",
+            load["host_rss_added_bytes"] / (load["host_table_bytes"] + GIB), 1.0, "×")
     return rows
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) * 1024
+
+
+class _PeakRSS:
+    """The highest RSS seen while the block runs, sampled every 5 ms from another thread (Linux)."""
+
+    def __enter__(self) -> "_PeakRSS":
+        self.before = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
 
 
 def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
@@ -295,14 +325,21 @@ def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
             os.close(fd)
     read_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    model = load(checkpoint, device=device)
+    with _PeakRSS() as rss:
+        model = load(checkpoint, device=device)
+    table = arch.per_layer_table(model._module).weight
+    table_bytes = table.numel() * table.element_size() if table.device.type == "cpu" else 0
+    del table
     ids = torch.randint(3, model.text_config.vocab_size_per_layer_input, (1, 16), device=device)
     with torch.no_grad(), model.trace(ids, logits_to_keep=1):
         model.logits.output.save()
     _sync(torch.device(device))
     seconds = time.perf_counter() - start
     del model
-    return {"load_to_first_trace_seconds": seconds, "text_bytes_read_seconds": read_seconds, "text_bytes": text_bytes}
+    result = {"load_to_first_trace_seconds": seconds, "text_bytes_read_seconds": read_seconds, "text_bytes": text_bytes}
+    if torch.device(device).type != "cpu":   # on the host the whole model is host memory, as it should be
+        result.update(host_rss_added_bytes=rss.peak - rss.before, host_table_bytes=table_bytes)
+    return result
 
 
 def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:

@@ -140,7 +140,7 @@ def layer_rows(config: Any) -> list[dict[str, Any]]:
 def cmd_info(args: argparse.Namespace) -> int:
     from .loading import read_config, resolve_source
 
-    directory = resolve_source(args.source)
+    directory = resolve_source(args.source, **_hub_options(args))
     config = read_config(directory)
     text = config.get_text_config()
     summary = Table(title=f"Gemma 3n checkpoint: {directory}", show_header=False)
@@ -195,7 +195,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     from .loading import read_config, resolve_source
     from .points import POINTS, concrete_shape
 
-    config = read_config(resolve_source(args.source)) if args.source or not args.symbolic else None
+    config = read_config(resolve_source(args.source, **_hub_options(args))) if args.source or not args.symbolic else None
     table = Table(title="Intervention points, all writable (inside one trace, access them in this order)")
     for column in ("where", "name", "shape", "value", "produced at"):
         table.add_column(column)
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _writable_directory(out.parent if str(out.parent) else Path("."))
-    run_demo(args.model, out=out, prompt=args.prompt, console=console)
+    run_demo(args.model, out=out, prompt=args.prompt, console=console, load_options=_hub_options(args))
     return 0
 
 
@@ -228,7 +228,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from . import load
     from .audit import audit
 
-    model = load(args.source)
+    model = load(args.source, **_hub_options(args))
     report = audit(model, args.prompt or None)
     table = Table(title=f"Faithfulness audit: {model.load_report.source}")
     for column in ("difference", "where", "value"):
@@ -288,6 +288,31 @@ def _gpu_check(args: argparse.Namespace, preset: str, out: Path, results: dict) 
     return 0
 
 
+def _hub_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"revision": args.revision, "cache_dir": args.cache_dir, "download": not args.offline}
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .hub import fetch
+
+    report = fetch(args.hub_id, args.revision, cache_dir=args.cache_dir)
+    table = Table(title=f"{args.hub_id} text-only: {report.path}", show_header=False)
+    share = report.bytes_text / report.bytes_snapshot if report.bytes_snapshot else 0.0
+    for label, value in [
+        ("commit", report.commit),
+        ("fetched now", _gib(report.bytes_fetched) + (" (already cached)" if report.cached else "")
+         + (f", resumed after {_gib(report.resumed_from)}" if report.resumed_from else "")),
+        ("text-only checkpoint", f"{_gib(report.bytes_text)} = {share:.1%} of the full snapshot"),
+        ("full snapshot", _gib(report.bytes_snapshot)),
+        ("shards fetched whole", ", ".join(report.files_whole) or "-"),
+        ("shards fetched as text byte ranges", ", ".join(report.files_ranged) or "-"),
+        ("shards never requested (towers only)", ", ".join(report.files_skipped) or "-"),
+    ]:
+        table.add_row(label, str(value))
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
@@ -295,29 +320,40 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = argparse.ArgumentParser(prog="g3n-probe", description="Gemma 3n interpretability, text-only, exact.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # A hub id as SOURCE is fetched text-only on first use (see `g3n_probe.hub`).
+    hub = argparse.ArgumentParser(add_help=False)
+    hub.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
+    hub.add_argument("--cache-dir", default=None, help="where fetched text-only checkpoints live "
+                                                       "(default: $G3N_PROBE_CACHE/hub, ~/.cache/g3n_probe/hub)")
+    hub.add_argument("--offline", action="store_true", help="use only cached checkpoints; never touch the network")
 
-    info = sub.add_parser("info", help="config, components (stored vs loaded) and layers of a checkpoint")
-    info.add_argument("source", nargs="?", default=None, help="checkpoint directory or cached hub id (default: bundled)")
+    fetch = sub.add_parser("fetch", parents=[hub], help="fetch a hub checkpoint text-only (only the bytes the text "
+                                                        "path reads) and compare with the full snapshot")
+    fetch.add_argument("hub_id", help="e.g. google/gemma-3n-E2B (gated: accept the license, then log in or set HF_TOKEN)")
+    fetch.set_defaults(func=cmd_fetch, offline=False)
+
+    info = sub.add_parser("info", parents=[hub], help="config, components (stored vs loaded) and layers of a checkpoint")
+    info.add_argument("source", nargs="?", default=None, help="checkpoint directory or hub id (default: bundled)")
     info.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                       help="default: what g3n.load picks (bfloat16 on cuda, float32 on cpu)")
     info.add_argument("--device", default=None, choices=["cpu", "cuda"],
                       help="plan where every component would live (needs no GPU); default: what g3n.load picks")
     info.set_defaults(func=cmd_info)
 
-    points = sub.add_parser("points", help="the intervention-point table, with concrete shapes")
+    points = sub.add_parser("points", parents=[hub], help="the intervention-point table, with concrete shapes")
     points.add_argument("source", nargs="?", default=None)
     points.add_argument("--batch", type=_positive_int, default=1)
     points.add_argument("--tokens", type=_positive_int, default=8)
     points.add_argument("--symbolic", action="store_true", help="symbolic shapes only, no checkpoint")
     points.set_defaults(func=cmd_points)
 
-    demo = sub.add_parser("demo", help="trace a code prompt: logit lens through AltUp, PLE and AltUp ablations")
-    demo.add_argument("--model", default=None, help="checkpoint directory or cached hub id (default: bundled)")
+    demo = sub.add_parser("demo", parents=[hub], help="trace a code prompt: logit lens through AltUp, PLE and AltUp ablations")
+    demo.add_argument("--model", default=None, help="checkpoint directory or hub id (default: bundled)")
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--out", default="g3n_probe_demo.png", help="where to save the plot")
     demo.set_defaults(func=cmd_demo)
 
-    audit = sub.add_parser("audit", help="where transformers and Google's reference Gemma 3n compute differently")
+    audit = sub.add_parser("audit", parents=[hub], help="where transformers and Google's reference Gemma 3n compute differently")
     audit.add_argument("source", nargs="?", default=None)
     audit.add_argument("--prompt", action="append", default=[], help="inputs to check (repeatable)")
     audit.set_defaults(func=cmd_audit)

@@ -24,7 +24,8 @@ def _token(tokenizer: Any, token_id: int) -> str:
     return repr(tokenizer.decode([token_id]))[1:-1][:12]
 
 
-def run_demo(source: str | None, out: Path, prompt: str | None = None, console: Console | None = None) -> dict:
+def run_demo(source: str | None, out: Path, prompt: str | None = None, console: Console | None = None,
+             load_options: dict[str, Any] | None = None) -> dict:
     import g3n_probe as g3n
 
     console = console or Console()
@@ -32,7 +33,7 @@ def run_demo(source: str | None, out: Path, prompt: str | None = None, console: 
     results: dict[str, Any] = {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("loading the checkpoint text-only", total=None)
-        model = g3n.load(source)
+        model = g3n.load(source, **(load_options or {}))
         text = model.text_config
         layers = text.num_hidden_layers
         progress.update(task, description="tracing the prompt")

@@ -2,8 +2,8 @@
 
 What runs is transformers' own class. This module only decides *what it is given*:
 
-1. the checkpoint is found (a directory, or a hub id already in the local Hugging Face cache) and
-   checked: a Gemma 3n config, safetensors only (pickle files are refused, never opened), every
+1. the checkpoint is found (a directory, or a hub id: cached, or fetched text-only by `g3n_probe.hub`)
+   and checked: a Gemma 3n config, safetensors only (pickle files are refused, never opened), every
    text tensor present with the shape the config implies;
 2. the model is constructed with `towers.tower_stubs` active, so no tower parameter exists;
 3. only text-path tensors (``model.language_model.*``, ``model.embed_vision.*``,
@@ -64,8 +64,10 @@ class LoadReport:
     clipped_coefficients: int = 0
 
 
-def resolve_source(source: str | os.PathLike | None) -> Path:
-    """A local checkpoint directory for ``source``: a path, or a hub id found in the local HF cache."""
+def resolve_source(source: str | os.PathLike | None, **hub_options: Any) -> Path:
+    """A local checkpoint directory for ``source``: a path, or a hub id (cached, or fetched text-only by
+    `g3n_probe.hub.resolve`, which takes ``hub_options``: revision, cache_dir, token, local_files_only,
+    download)."""
     if source is None:
         return default_source()
     path = Path(source).expanduser()
@@ -73,20 +75,11 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; a Gemma 3n checkpoint is a directory with config.json")
         return path
-    text = str(source)
-    looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", text) is not None and not text.startswith((".", "/"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    from huggingface_hub import constants, snapshot_download
+    from . import hub
 
-    try:
-        return Path(snapshot_download(text, local_files_only=True))
-    except Exception as error:  # noqa: BLE001 - every failure here means "not in the cache"
-        raise FileNotFoundError(
-            f"{text!r} is neither a local directory nor a model in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); g3n_probe never downloads. Download it first "
-            f"(huggingface-cli download {text}) or pass a local directory. ({type(error).__name__})"
-        ) from None
+    if not hub.looks_like_hub_id(str(source)):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    return hub.resolve(str(source), **hub_options)
 
 
 BUNDLED = Path(__file__).parent / "data" / "default"
@@ -231,8 +224,16 @@ def _check_layer_count(directory: Path, config: Any, mapping: dict[str, str]) ->
                               f"layers {min(stored)}..{max(stored)} ({len(stored)} layers)")
 
 
-def _kv_shared_layers(config) -> set[int]:
-    return {i for i, mode in enumerate(config.text_config.kv_sharing_modes) if mode == "reuse"}
+def keys_read(keys: Any, config: Any) -> tuple[list[str], list[str]]:
+    """The checkpoint keys the text path reads, and the KV-shared layers' k/v it skips (transformers
+    builds no k/v there; real checkpoints still carry them). Neither list holds a tower key."""
+    shared = {i for i, mode in enumerate(config.text_config.kv_sharing_modes) if mode == "reuse"}
+    read, skipped = [], []
+    for key in keys:
+        if is_text_key(key):
+            match = _KV_SHARED_KEY.match(key)
+            (skipped if match and int(match.group(1)) in shared else read).append(key)
+    return read, skipped
 
 
 class _CountingHandle:
@@ -257,36 +258,32 @@ def load_text_model(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
     ple_device: str | torch.device | None = None,
+    staging: Staging | None = None,
 ) -> tuple[Any, LoadReport]:
     """Build the stock ``Gemma3nForConditionalGeneration`` text-only from a safetensors checkpoint.
 
-    With the per-layer table on another device than the model (``ple_device``, by default the host
-    when ``device`` is an accelerator), everything is read to the table's device first and all but
-    the table then moved, so the table never occupies accelerator memory (see `g3n_probe.ple`).
+    On the host, every tensor is read into storage of its own (`read_into_own_storage`). On an
+    accelerator, every tensor crosses from the file to the device through the bounded buffers of a
+    `Staging`, and the per-layer table (by default, ``ple_device`` None) is read into host storage and
+    never copied to the device (see `g3n_probe.ple`): the host never holds more than the table plus
+    the staging buffers. ``staging`` injects the crossing (its ``device`` is the model's), so tests and
+    benchmarks can stand in for an accelerator and record what is copied where.
     """
     from transformers import Gemma3nForConditionalGeneration
 
-    from .ple import host_resident, move_except_table, resolve_ple_device
+    from .ple import host_resident, resolve_ple_device
 
     directory = resolve_source(source)
     config = read_config(directory)
-    device = _resolve_device(device)
+    device = staging.device if staging is not None else _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     table_device = resolve_ple_device(ple_device, device)
     mapping = weight_map(directory)
     report = LoadReport(source=directory)
 
     _check_layer_count(directory, config, mapping)
-    kv_shared = _kv_shared_layers(config)
-    text_keys = {}
-    for key, filename in mapping.items():
-        if not is_text_key(key):
-            continue
-        match = _KV_SHARED_KEY.match(key)
-        if match and int(match.group(1)) in kv_shared:
-            report.skipped_kv_shared.append(key)
-            continue
-        text_keys[key] = filename
+    read, report.skipped_kv_shared = keys_read(mapping, config)
+    text_keys = {key: mapping[key] for key in read}
     tower_files = {kind: {k: f for k, f in mapping.items() if k.startswith(prefix)} for kind, prefix in TOWERS.items()}
     report.tower_tensors_in_checkpoint = {kind: len(v) for kind, v in tower_files.items()}
     stray = sorted(k for k in mapping if not is_text_key(k) and not k.startswith(tuple(TOWERS.values())))
@@ -304,7 +301,11 @@ def load_text_model(
         )
 
     state: dict[str, Any] = {}
-    handles = []
+    handles, files = [], []
+    table_key = f"{arch.TEXT_MODEL_PATHS['Gemma3nForConditionalGeneration']}.{arch.PER_LAYER_TABLE}.weight"
+    if staging is None and device.type != "cpu":
+        staging = Staging(device)
+    host_table = None
     try:
         by_file: dict[str, list[str]] = {}
         for key, filename in text_keys.items():
@@ -330,7 +331,17 @@ def load_text_model(
                         f"{key} in {filename} has shape {list(piece.get_shape())}; the config implies {list(expected[key])}"
                     )
                 state[key] = piece
-            if table_device.type == "cpu":
+            if staging is not None:
+                fd = os.open(path, os.O_RDONLY)
+                files.append(fd)
+                offsets = tensor_offsets(path)
+                for key in keys:
+                    if key == table_key and table_device.type == "cpu":
+                        host_table = read_into_own_storage(path, [key], dtype)[key]
+                        state[key] = _Placeholder(host_table.shape, dtype, device)
+                    else:
+                        state[key] = _Staged(staging, path, fd, offsets[key], dtype)
+            elif table_device.type == "cpu":
                 # Read every tensor straight into storage of its own (see `read_into_own_storage`).
                 state.update(read_into_own_storage(path, keys, dtype))
         with tower_stubs():
@@ -339,7 +350,7 @@ def load_text_model(
                 config=config,
                 state_dict=state,
                 dtype=dtype,
-                device_map=table_device,
+                device_map=device if staging is not None else table_device,
                 attn_implementation=attn_implementation,
                 output_loading_info=True,
             )
@@ -353,6 +364,8 @@ def load_text_model(
         state.clear()
         for handle in handles:
             handle.__exit__(None, None, None)
+        for fd in files:
+            os.close(fd)
     leftover = [k for k in info.get("missing_keys", []) if k != "lm_head.weight"]
     if leftover:  # the pre-check above should make this unreachable
         raise CheckpointError(f"transformers left tensors uninitialised: {leftover[:20]}")
@@ -363,8 +376,8 @@ def load_text_model(
             stub.checkpoint_dir = directory
             stub.tensor_files = files
     table = arch.per_layer_table(model)
-    if table_device != device:
-        move_except_table(model, device)
+    if host_table is not None:
+        _swap_in(table, host_table)
     if table_device != device or ple_device is not None:
         host_resident(table, device)
     model.eval()
@@ -431,6 +444,82 @@ def read_into_own_storage(path: Path, keys: list[str], dtype: torch.dtype) -> di
     return result
 
 
+class Staging:
+    """The bounded host buffers every tensor crosses on its way from the file to an accelerator.
+
+    ``slots`` buffers of ``slot_bytes`` (pinned on CUDA, so each crossing is one DMA) are shared by
+    transformers' loading threads (four), so at most ``slots * slot_bytes`` of weights are on the host
+    at once, whatever the model's size. Each tensor is allocated on the device and filled piece by
+    piece; a piece stored in another dtype is converted by the copy. `allocate` and `upload` are the
+    only places device memory is touched: a stand-in overrides them to record what goes where.
+    """
+
+    def __init__(self, device: str | torch.device, slots: int = 4, slot_bytes: int = 32 * 1024**2) -> None:
+        import queue
+
+        self.device = torch.device(device)
+        self.slot_bytes = slot_bytes
+        self._free: Any = queue.SimpleQueue()
+        for _ in range(slots):
+            self._free.put(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda"))
+
+    def allocate(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def upload(self, into: torch.Tensor, piece: torch.Tensor) -> None:
+        into.copy_(piece)   # blocking: the buffer is free again when this returns
+
+    def read(self, path: Path, fd: int, entry: tuple[str, list[int], int], dtype: torch.dtype) -> torch.Tensor:
+        stored, shape, offset = entry
+        source = _TORCH_DTYPES[stored]
+        out = self.allocate(shape, dtype)
+        flat, per_piece = out.view(-1), self.slot_bytes // source.itemsize
+        buffer = self._free.get()
+        try:
+            for first in range(0, flat.numel(), per_piece):
+                count = min(per_piece, flat.numel() - first)
+                piece = buffer[: count * source.itemsize]
+                read_exactly(fd, offset + first * source.itemsize, piece.numpy(), path)
+                self.upload(flat[first:first + count], piece.view(source))
+        finally:
+            self._free.put(buffer)
+        return out
+
+
+class _Staged:
+    """A checkpoint tensor as transformers' loader takes it (``value[...]`` materialises it), read
+    through a `Staging` straight onto its device, so the loader's own ``.to(device)`` has nothing to do."""
+
+    def __init__(self, staging: Staging, path: Path, fd: int, entry: tuple[str, list[int], int],
+                 dtype: torch.dtype) -> None:
+        self._read = (staging, path, fd, entry, dtype)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        staging, path, fd, entry, dtype = self._read
+        return staging.read(path, fd, entry, dtype)
+
+
+class _Placeholder:
+    """The per-layer table's stand-in while transformers builds the model on the accelerator: one
+    element, broadcast to the table's shape, so the table never occupies device memory; `_swap_in`
+    then puts the host table in its place."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self._made = (shape, dtype, device)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        shape, dtype, device = self._made
+        return torch.zeros(1, dtype=dtype, device=device).expand(shape)
+
+
+def _swap_in(table: torch.nn.Module, host_table: torch.Tensor) -> None:
+    """The host table as the table's parameter, carrying what transformers marked on the loaded one."""
+    placeholder = table.weight
+    weight = torch.nn.Parameter(host_table, requires_grad=placeholder.requires_grad)
+    weight.__dict__.update(placeholder.__dict__)
+    table.weight = weight
+
+
 def read_exactly(fd: int, offset: int, into: Any, path: Path) -> None:
     """Fill ``into`` (a writable buffer) from ``fd`` at ``offset``; a short file is a `CheckpointError`."""
     view, done = memoryview(into).cast("B"), 0
@@ -476,12 +565,20 @@ def load(
     attn_implementation: str = "sdpa",
     altup_clip: str = "stock",
     tokenizer: Any = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    download: bool = True,
 ) -> Gemma3nProbe:
     """Load a Gemma 3n checkpoint text-only and return it as a `g3n_probe.Gemma3nProbe`.
 
     Args:
-        source: a local checkpoint directory, or a hub id already in the local Hugging Face cache;
-            ``None`` loads the bundled default (a small trained Gemma 3n shipped in the package).
+        source: a local checkpoint directory, or a hub id (``"google/gemma-3n-E2B"``); ``None`` loads the
+            bundled default (a small trained Gemma 3n shipped in the package). A hub id is served from a full
+            snapshot in the Hugging Face cache, else from g3n_probe's text-only cache, else fetched into it:
+            only the bytes the text path reads (see `g3n_probe.hub`).
         device: ``None`` picks cuda when available, else cpu.
         dtype: ``None`` picks bfloat16 on cuda, float32 on cpu.
         ple_device: where the per-layer-embedding table lives. ``None``: the host ("cpu") when the
@@ -493,13 +590,23 @@ def load(
             reference implementation's per-forward clip amounts to (see `g3n_probe.audit`).
         tokenizer: a tokenizer object, or a path to load one from; ``None`` loads the checkpoint's own
             if it has tokenizer files. Without any, token-id tensors work and text input says so.
+        revision: a branch, tag or commit of a hub id (default ``main``).
+        cache_dir: where fetched text-only checkpoints live (default ``$G3N_PROBE_CACHE/hub``, that is
+            ``~/.cache/g3n_probe/hub``).
+        token: a hub token; ``None`` uses ``HF_TOKEN`` or the stored login (Gemma is gated: accept its
+            license on the hub first).
+        local_files_only, download: ``local_files_only=True`` or ``download=False`` (or ``HF_HUB_OFFLINE=1``)
+            use only what is cached and never touch the network.
     """
     from .probe import Gemma3nProbe
 
     if altup_clip not in ("stock", "reference"):
         raise ValueError(f"altup_clip={altup_clip!r}: choose 'stock' or 'reference'")
     tokenizer = _resolve_tokenizer(tokenizer)
-    module, report = load_text_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation,
+    _resolve_dtype(dtype, _resolve_device(device))  # bad arguments are named before anything is fetched
+    directory = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token,
+                               local_files_only=local_files_only, download=download)
+    module, report = load_text_model(directory, device=device, dtype=dtype, attn_implementation=attn_implementation,
                                      ple_device=ple_device)
     if altup_clip == "reference":
         from .audit import clip_coefficients

@@ -253,6 +253,17 @@ def _shards(shapes: dict, max_shard_bytes: int, dtype: torch.dtype) -> list[list
     return shards
 
 
+def _mix_towers(shards: list[list[str]]) -> list[list[str]]:
+    """Move one tensor of each tower into the first text shard and one into the last, as checkpoints
+    sharded by size alone have them; the rest keep shards of their own."""
+    text = [s for s in shards if _component(s[0]) == "text"]
+    towers = [s for s in shards if _component(s[0]) != "text"]
+    for destination, source in ((text[0], towers[0]), (text[0], towers[-1]), (text[-1], towers[-1])):
+        if len(source) > 1:
+            destination.append(source.pop(0))
+    return [s for s in shards if s]
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     preset: Any = "tiny",
@@ -261,12 +272,14 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
     progress: bool = False,
+    mixed_towers: bool = False,
 ) -> Path:
     """Write a synthetic Gemma 3n checkpoint in the Hugging Face layout; returns its directory.
 
     ``dtype`` defaults to float32 for ``tiny`` and bfloat16 (the real checkpoints' dtype) for
     ``e2b``/``e4b``. Shards are written one at a time, so memory stays near one shard. ``preset``
-    may also be a ``Gemma3nConfig`` (written with the small vision stand-in).
+    may also be a ``Gemma3nConfig`` (written with the small vision stand-in). Towers get shards of their
+    own; ``mixed_towers=True`` also puts some of their tensors into the first and last text shards.
     """
     if isinstance(preset, str):
         config = preset_config(preset)
@@ -287,6 +300,8 @@ def save_checkpoint(
     shapes = _checkpoint_shapes(config, preset)
     generator = torch.Generator().manual_seed(seed)
     shards = _shards(shapes, max_shard_bytes, dtype)
+    if mixed_towers:
+        shards = _mix_towers(shards)
     weight_map: dict[str, str] = {}
     total = 0
     iterator: Iterator[Any] = enumerate(shards, start=1)
