@@ -1,17 +1,22 @@
 """A stand-in for the Hugging Face hub on 127.0.0.1, for the fetch tests.
 
 It serves what `g3n_probe.hub` asks of the real hub: the model-info API (``/api/models/…``, with file
-sizes) and files under ``/<repo>/resolve/<revision>/<file>`` with byte ranges. It logs every range
-it serves, can require a token as a gated repository does (401 with ``X-Error-Code: GatedRepo``), and
-can cut a connection part-way through a response, as a flaky network does.
+sizes and LFS hashes) and files under ``/<repo>/resolve/<revision>/<file>`` with byte ranges,
+redirected, as huggingface.co does, to a CDN on another origin. It logs every range the CDN serves
+and misbehaves the way real servers do when asked to: a gated repository answers 401/403 with
+``X-Error-Code: GatedRepo``, an unknown one 401 ``RepoNotFound`` to anonymous callers, a client that
+accepts gzip gets the whole file compressed (CloudFront ignores ranges then), and connections can be
+cut, stalled or refused with 429 + ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,18 +27,24 @@ from urllib.parse import unquote, urlparse
 class Repo:
     directory: Path
     commit: str
-    token: str | None = None            # gated: this bearer token is required
+    token: str | None = None            # gated: this bearer token is required for files
 
 
 @dataclass
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     log: list[tuple[str, str, int, int]] = field(default_factory=list)   # (repo, file, start, end) served
-    cuts: dict[str, list[int]] = field(default_factory=dict)             # file -> bytes to send before each cut
+    cuts: dict[str, list[int]] = field(default_factory=dict)    # file -> bytes sent before each cut
+    stalls: dict[str, list[int]] = field(default_factory=dict)  # file -> bytes sent before each stall
+    busy: int = 0                      # answer this many file requests with 429 + Retry-After: 1
     ignore_ranges: bool = False
+    cdn_saw_authorization: bool = False
+    commits: int = 0
 
     def add(self, repo_id: str, directory: Path, token: str | None = None) -> str:
-        commit = hashlib.sha1(f"{repo_id}:{directory}".encode()).hexdigest()
+        """Serve ``directory`` as ``repo_id``; adding it again makes a new commit."""
+        self.commits += 1
+        commit = hashlib.sha1(f"{repo_id}:{directory}:{self.commits}".encode()).hexdigest()
         self.repos[repo_id] = Repo(Path(directory), commit, token)
         return commit
 
@@ -49,78 +60,106 @@ class FakeHub:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def fail(self, status: int, code: str, message: str) -> None:
-                body = json.dumps({"error": message}).encode()
+            def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
-                self.send_header("X-Error-Code", code)
-                self.send_header("X-Error-Message", message)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
+                for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
-            def repo(self, repo_id: str, revision: str) -> Repo | None:
+            def fail(self, status: int, code: str, message: str) -> None:
+                self.answer(status, json.dumps({"error": message}).encode(),
+                            {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"})
+
+            def find(self, repo_id: str, revision: str, files: bool) -> Repo | None:
                 repo = hub.repos.get(repo_id)
+                authorization = self.headers.get("authorization")
                 if repo is None:
-                    self.fail(404, "RepoNotFound", "Repository not found")
+                    if authorization is None:
+                        self.fail(401, "RepoNotFound", "Repository not found")
+                    else:
+                        self.fail(404, "RepoNotFound", "Repository not found")
                     return None
-                if repo.token and self.headers.get("authorization") != f"Bearer {repo.token}":
-                    self.fail(401, "GatedRepo", "Access to model is restricted. You must have access to it.")
+                if files and repo.token and authorization != f"Bearer {repo.token}":
+                    status = 401 if authorization is None else 403
+                    self.fail(status, "GatedRepo", "Access to model is restricted. You must have access to it.")
                     return None
                 if revision not in ("main", repo.commit):
                     self.fail(404, "RevisionNotFound", "Invalid rev id")
                     return None
                 return repo
 
-            def do_GET(self) -> None:
+            def do_GET(self) -> None:  # the name http.server calls
                 path = unquote(urlparse(self.path).path)
+                if path.startswith("/cdn/"):
+                    self.cdn(path)
+                    return
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
-                    repo = self.repo(m.group(1), m.group(2) or "main")
-                    if repo is None:
-                        return
-                    files = sorted(p for p in repo.directory.iterdir() if p.is_file())
-                    body = json.dumps({"id": m.group(1), "sha": repo.commit, "siblings": [
-                        {"rfilename": p.name, "size": p.stat().st_size} for p in files]}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    repo = self.find(m.group(1), m.group(2) or "main", files=False)
+                    if repo is not None:
+                        files = sorted(p for p in repo.directory.iterdir() if p.is_file())
+                        siblings = [{"rfilename": p.name, "size": p.stat().st_size,
+                                     **({"lfs": {"size": p.stat().st_size, "pointerSize": 134,
+                                                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}}
+                                        if p.suffix == ".safetensors" else {})} for p in files]
+                        body = json.dumps({"id": m.group(1), "sha": repo.commit, "siblings": siblings}).encode()
+                        self.answer(200, body, {"Content-Type": "application/json"})
                     return
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if m is None:
                     self.fail(404, "EntryNotFound", "no such endpoint")
                     return
-                repo = self.repo(m.group(1), m.group(2))
+                repo = self.find(m.group(1), m.group(2), files=True)
                 if repo is None:
                     return
-                target = repo.directory / m.group(3)
-                if not target.is_file():
+                if not (repo.directory / m.group(3)).is_file():
                     self.fail(404, "EntryNotFound", "Entry not found")
                     return
+                # huggingface.co answers with a redirect to a signed CDN URL on another origin.
+                location = f"http://localhost:{self.server.server_address[1]}/cdn/{m.group(1)}/{m.group(3)}"
+                self.answer(302, b"", {"Location": location})
+
+            def cdn(self, path: str) -> None:
+                hub.cdn_saw_authorization |= self.headers.get("authorization") is not None
+                if hub.busy:
+                    hub.busy -= 1
+                    self.answer(429, b"slow down", {"Retry-After": "1"})
+                    return
+                repo_id, _, name = path.removeprefix("/cdn/").rpartition("/")
+                target = hub.repos[repo_id].directory / name
                 size = target.stat().st_size
+                if "gzip" in self.headers.get("accept-encoding", ""):   # CloudFront: compressed, whole, 200
+                    self.answer(200, gzip.compress(target.read_bytes()), {"Content-Encoding": "gzip"})
+                    return
                 start, end, status = 0, size, 200
                 if (wanted := self.headers.get("range")) and not hub.ignore_ranges:
                     first, _, last = wanted.removeprefix("bytes=").partition("-")
                     start, end, status = int(first), (int(last) + 1 if last else size), 206
-                hub.log.append((m.group(1), target.name, start, end))
+                hub.log.append((repo_id, name, start, end))
                 self.send_response(status)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
                 self.send_header("Content-Length", str(end - start))
                 self.end_headers()
-                cuts = hub.cuts.get(target.name)
-                cut = cuts.pop(0) if cuts and end - start > cuts[0] else None
+                cut = self.next(hub.cuts, name, end - start)
+                stall = self.next(hub.stalls, name, end - start)
                 with open(target, "rb") as f:
                     f.seek(start)
-                    left = end - start if cut is None else cut
+                    left = end - start if cut is None and stall is None else (cut if cut is not None else stall)
                     while left > 0:
                         piece = f.read(min(left, 4 * 1024**2))
                         self.wfile.write(piece)
                         left -= len(piece)
-                if cut is not None:
-                    self.wfile.flush()
+                self.wfile.flush()
+                if stall is not None:
+                    time.sleep(3)   # longer than the client's read timeout in the tests
+                if cut is not None or stall is not None:
                     self.close_connection = True
+
+            @staticmethod
+            def next(plans: dict[str, list[int]], name: str, length: int) -> int | None:
+                queue = plans.get(name)
+                return queue.pop(0) if queue and length > queue[0] else None
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 
+import pytest
 import torch
 
 from g3n_probe import arch, ple
@@ -107,6 +108,26 @@ def test_on_a_meta_stand_in_only_the_table_lands_on_the_host(tiny_dir):
         assert torch.equal(host[TABLE_KEY], handle.get_tensor(TABLE_KEY))
     assert math.prod(entries[TABLE_KEY][1]) == host[TABLE_KEY].numel()
     assert all(p.is_meta for name, p in model.named_parameters() if name != TABLE_KEY)
+    assert all(b.is_meta for b in model.buffers())
+
+
+def test_the_tables_buffer_joins_the_host_table():
+    """On CUDA transformers puts ``embed_scale`` on the device; the host lookup needs it on the host."""
+    from g3n_probe.loading import _swap_in
+
+    table = torch.nn.Embedding(4, 3)
+    table.register_buffer("embed_scale", torch.tensor(2.0, dtype=torch.float64), persistent=False)
+    host = torch.randn(4, 3, dtype=torch.float64)
+    _swap_in(table, host)
+    assert table.weight.data_ptr() == host.data_ptr() and table.embed_scale.dtype == torch.float64
+    assert "embed_scale" in table._buffers and "embed_scale" not in table.state_dict()
+
+
+def test_staging_refuses_a_size_it_cannot_work_with():
+    with pytest.raises(ValueError, match="at least one buffer"):
+        Staging("cpu", slots=0)
+    with pytest.raises(ValueError, match="at least 8 bytes"):
+        Staging("cpu", slot_bytes=2)
 
 
 def test_the_staging_buffers_are_bounded():

@@ -190,19 +190,36 @@ def test_gated_repository_without_access_says_how_to_get_it(server, monkeypatch)
     with pytest.raises(hub.HubAccessError) as error:
         g3n.load(REPO)
     message = str(error.value)
-    assert "401" in message and "license" in message and "HF_TOKEN" in message and REPO in message
-    assert server.log == []
+    assert "gated" in message and "401" in message and "license" in message and "HF_TOKEN" in message
+    with pytest.raises(hub.HubAccessError, match="403"):
+        g3n.load(REPO, token="hf_someone_else")
+    assert server.log == [], "not a byte served"
+    assert not (hub.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial").exists() or \
+        not any((hub.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial").iterdir())
     assert g3n.load(REPO, token="hf_secret").tokenizer is not None
+    assert not server.cdn_saw_authorization, "the token never goes to the CDN the hub redirects to"
     shutil.rmtree(hub.cache_root())
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert g3n.load(REPO).tokenizer is not None
 
 
 def test_unknown_repository_and_revision_are_named(server):
-    with pytest.raises(FileNotFoundError, match="g3n-test/nothing-here"):
-        g3n.load("g3n-test/nothing-here")
+    with pytest.raises(FileNotFoundError, match="g3n-test/nothing-here") as error:
+        g3n.load("g3n-test/nothing-here")   # anonymous: the hub answers 401 RepoNotFound
+    assert "license" not in str(error.value) and "check the id" in str(error.value)
     with pytest.raises(FileNotFoundError, match="revision"):
         g3n.load(REPO, revision="no-such-branch")
+
+
+@pytest.mark.parametrize(("source", "options", "match"), [
+    ("g3n-test/a--b", {}, "not a valid hub id"),
+    (REPO, {"revision": ".."}, "not a branch, tag or commit"),
+    (REPO, {"revision": ""}, "not a branch, tag or commit"),
+])
+def test_bad_names_are_refused_before_any_request(server, source, options, match):
+    with pytest.raises(ValueError, match=match):
+        g3n.load(source, **options)
+    assert server.log == []
 
 
 def test_a_pinned_commit_is_fetched_and_found_offline(server, monkeypatch):
@@ -274,3 +291,62 @@ def test_network_down_falls_back_to_the_cache_with_a_warning(server, monkeypatch
     monkeypatch.setattr(hub.time, "sleep", lambda s: None)
     with pytest.warns(UserWarning, match="using the cached text-only checkpoint"):
         assert g3n.load(REPO).load_report.source == hub.cached_checkpoint(REPO)
+
+
+def test_a_stalled_connection_times_out_and_resumes(server, monkeypatch, mixed):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    shard = "model-00002-of-00005.safetensors"   # text only: fetched whole
+    server.stalls[shard] = [100_000]
+    report = hub.fetch(REPO, progress=False)
+    assert [start for start, _ in server.served(REPO, shard)] == [0, 100_000]
+    assert (report.path / shard).read_bytes() == (mixed / shard).read_bytes()
+
+
+def test_busy_server_is_waited_for_as_it_asks(server, monkeypatch):
+    waits = []
+    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    server.busy = 2
+    hub.fetch(REPO, progress=False)
+    assert waits == [1.0, 1.0], "Retry-After is honoured"
+
+
+def test_a_new_commit_reuses_unchanged_shards(server, mixed):
+    first = hub.fetch(REPO, progress=False)
+    served = len(server.log)
+    server.add(REPO, mixed)   # a new commit, same files (say, a model-card edit)
+    second = hub.fetch(REPO, progress=False)
+    assert second.commit != first.commit
+    assert sorted(second.files_reused) == sorted(first.files_whole + first.files_ranged)
+    shards = [entry for entry in server.log[served:] if entry[1].endswith(".safetensors")]
+    assert shards == [], "no shard byte fetched again"
+    assert (second.path / first.files_whole[0]).stat().st_ino == (first.path / first.files_whole[0]).stat().st_ino
+    assert torch.equal(logits(g3n.load(REPO)), logits(g3n.load(mixed)))
+
+
+def test_a_shard_that_arrives_corrupt_is_not_kept(server, tmp_path, mixed):
+    bad = tmp_path / "bad"
+    shutil.copytree(mixed, bad)
+    shard = bad / "model-00002-of-00005.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[8] = ord("X")   # the header is no longer JSON; the size is unchanged
+    shard.write_bytes(bytes(raw))
+    server.add("g3n-test/bad", bad)
+    with pytest.raises(CheckpointError, match="arrived complete but is not a valid safetensors file"):
+        hub.fetch("g3n-test/bad", progress=False)
+    assert not list(hub.cache_root().glob("models--g3n-test--bad/partial/*/*.incomplete"))
+
+
+def test_info_and_points_fetch_only_the_config(server, capsys):
+    assert cli(["points", REPO]) == 0
+    assert cli(["info", REPO]) == 0
+    assert {name for _, name, _, _ in server.log} <= {"config.json", "model.safetensors.index.json"}
+    assert "weights not fetched" in capsys.readouterr().out
+
+
+def test_a_tower_of_a_text_only_fetch_says_why_it_is_missing(server):
+    model = g3n.load(REPO)
+    with pytest.raises(g3n.TowerNotLoadedError, match="text-only fetch of g3n-test/tiny-gemma-3n"):
+        model.load_tower("audio")

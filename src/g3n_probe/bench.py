@@ -273,16 +273,11 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) * 1024
-
-
 class _PeakRSS:
     """The highest RSS seen while the block runs, sampled every 5 ms from another thread (Linux)."""
 
-    def __enter__(self) -> "_PeakRSS":
-        self.before = self.peak = _rss_bytes()
+    def __enter__(self) -> _PeakRSS:
+        self.before = self.peak = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -290,12 +285,12 @@ class _PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, _rss())
 
 
 def measure_load(checkpoint: Path, device: str) -> dict[str, float]:

@@ -140,7 +140,7 @@ def layer_rows(config: Any) -> list[dict[str, Any]]:
 def cmd_info(args: argparse.Namespace) -> int:
     from .loading import read_config, resolve_source
 
-    directory = resolve_source(args.source, **_hub_options(args))
+    directory = resolve_source(args.source, **_hub_options(args), config_only=True)
     config = read_config(directory)
     text = config.get_text_config()
     summary = Table(title=f"Gemma 3n checkpoint: {directory}", show_header=False)
@@ -176,6 +176,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         where = l["where"] if l["params"] else "not loaded" if s["params"] else ""
         components.add_row(name, f"{s['params']:,}{note}", _gib(s["bytes"]), f"{l['params']:,}", _gib(l["bytes"]), where)
     console.print(components)
+    if all(s["absent"] and not s["params"] for s in stored.values() if s["absent"] or s["params"]):
+        console.print(f"weights not fetched (config only): `g3n-probe fetch {args.source}` fetches the text-only "
+                      "checkpoint", markup=False)
     totals = {where: sum(c["bytes"] for c in plan.values() if c["where"] == where) for where in ("accelerator", "host")}
     console.print(f"on the accelerator: {_gib(totals['accelerator'])}; on the host: {_gib(totals['host'])} "
                   "(parameters and buffers; activations and the KV cache come on top)")
@@ -195,7 +198,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     from .loading import read_config, resolve_source
     from .points import POINTS, concrete_shape
 
-    config = read_config(resolve_source(args.source, **_hub_options(args))) if args.source or not args.symbolic else None
+    config = (read_config(resolve_source(args.source, **_hub_options(args), config_only=True))
+              if args.source or not args.symbolic else None)
     table = Table(title="Intervention points, all writable (inside one trace, access them in this order)")
     for column in ("where", "name", "shape", "value", "produced at"):
         table.add_column(column)
@@ -292,6 +296,7 @@ def _hub_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"revision": args.revision, "cache_dir": args.cache_dir, "download": not args.offline}
 
 
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .hub import fetch
 
@@ -325,14 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     hub.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
     hub.add_argument("--cache-dir", default=None, help="where fetched text-only checkpoints live "
                                                        "(default: $G3N_PROBE_CACHE/hub, ~/.cache/g3n_probe/hub)")
-    hub.add_argument("--offline", action="store_true", help="use only cached checkpoints; never touch the network")
+    where = argparse.ArgumentParser(add_help=False, parents=[hub])
+    where.add_argument("--offline", action="store_true", help="use only cached checkpoints; never touch the network")
 
     fetch = sub.add_parser("fetch", parents=[hub], help="fetch a hub checkpoint text-only (only the bytes the text "
                                                         "path reads) and compare with the full snapshot")
     fetch.add_argument("hub_id", help="e.g. google/gemma-3n-E2B (gated: accept the license, then log in or set HF_TOKEN)")
-    fetch.set_defaults(func=cmd_fetch, offline=False)
+    fetch.set_defaults(func=cmd_fetch)
 
-    info = sub.add_parser("info", parents=[hub], help="config, components (stored vs loaded) and layers of a checkpoint")
+    info = sub.add_parser("info", parents=[where], help="config, components (stored vs loaded) and layers of a checkpoint")
     info.add_argument("source", nargs="?", default=None, help="checkpoint directory or hub id (default: bundled)")
     info.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                       help="default: what g3n.load picks (bfloat16 on cuda, float32 on cpu)")
@@ -340,20 +346,20 @@ def main(argv: list[str] | None = None) -> int:
                       help="plan where every component would live (needs no GPU); default: what g3n.load picks")
     info.set_defaults(func=cmd_info)
 
-    points = sub.add_parser("points", parents=[hub], help="the intervention-point table, with concrete shapes")
+    points = sub.add_parser("points", parents=[where], help="the intervention-point table, with concrete shapes")
     points.add_argument("source", nargs="?", default=None)
     points.add_argument("--batch", type=_positive_int, default=1)
     points.add_argument("--tokens", type=_positive_int, default=8)
     points.add_argument("--symbolic", action="store_true", help="symbolic shapes only, no checkpoint")
     points.set_defaults(func=cmd_points)
 
-    demo = sub.add_parser("demo", parents=[hub], help="trace a code prompt: logit lens through AltUp, PLE and AltUp ablations")
+    demo = sub.add_parser("demo", parents=[where], help="trace a code prompt: logit lens through AltUp, PLE and AltUp ablations")
     demo.add_argument("--model", default=None, help="checkpoint directory or hub id (default: bundled)")
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--out", default="g3n_probe_demo.png", help="where to save the plot")
     demo.set_defaults(func=cmd_demo)
 
-    audit = sub.add_parser("audit", parents=[hub], help="where transformers and Google's reference Gemma 3n compute differently")
+    audit = sub.add_parser("audit", parents=[where], help="where transformers and Google's reference Gemma 3n compute differently")
     audit.add_argument("source", nargs="?", default=None)
     audit.add_argument("--prompt", action="append", default=[], help="inputs to check (repeatable)")
     audit.set_defaults(func=cmd_audit)

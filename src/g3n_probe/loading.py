@@ -301,7 +301,7 @@ def load_text_model(
         )
 
     state: dict[str, Any] = {}
-    handles, files = [], []
+    handles = []
     table_key = f"{arch.TEXT_MODEL_PATHS['Gemma3nForConditionalGeneration']}.{arch.PER_LAYER_TABLE}.weight"
     if staging is None and device.type != "cpu":
         staging = Staging(device)
@@ -332,15 +332,13 @@ def load_text_model(
                     )
                 state[key] = piece
             if staging is not None:
-                fd = os.open(path, os.O_RDONLY)
-                files.append(fd)
                 offsets = tensor_offsets(path)
                 for key in keys:
                     if key == table_key and table_device.type == "cpu":
                         host_table = read_into_own_storage(path, [key], dtype)[key]
                         state[key] = _Placeholder(host_table.shape, dtype, device)
                     else:
-                        state[key] = _Staged(staging, path, fd, offsets[key], dtype)
+                        state[key] = _Staged(staging, path, offsets[key], dtype)
             elif table_device.type == "cpu":
                 # Read every tensor straight into storage of its own (see `read_into_own_storage`).
                 state.update(read_into_own_storage(path, keys, dtype))
@@ -364,8 +362,6 @@ def load_text_model(
         state.clear()
         for handle in handles:
             handle.__exit__(None, None, None)
-        for fd in files:
-            os.close(fd)
     leftover = [k for k in info.get("missing_keys", []) if k != "lm_head.weight"]
     if leftover:  # the pre-check above should make this unreachable
         raise CheckpointError(f"transformers left tensors uninitialised: {leftover[:20]}")
@@ -385,8 +381,8 @@ def load_text_model(
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_PIECE_BYTES = 16 * 1024**2
-_READ_THREADS = 8
+_PIECE_BYTES = 32 * 1024**2
+_READ_THREADS = 4
 
 
 def tensor_offsets(path: Path) -> dict[str, tuple[str, list[int], int]]:
@@ -406,8 +402,9 @@ def read_into_own_storage(path: Path, keys: list[str], dtype: torch.dtype) -> di
     the mapped file, at whatever alignment their offsets give, and BLAS kernels round differently for
     differently aligned operands (a single-row lm_head differed in the last bit). Copying out of the
     map fixed that but held both copies at once (peak RSS 12.5 GiB for E2B's 8.3 GiB). Reading into
-    our own storage costs one pass over the bytes and no second copy. Reads go in 16 MiB pieces from
-    a few threads at once: a virtual disk read cold from one thread gave 0.55 GB/s, from eight 1.5 GB/s.
+    our own storage costs one pass over the bytes and no second copy. Reads go in 32 MiB pieces from
+    four threads at once: on this machine's virtual disk, cold, that read E2B's text at 1.1 GB/s against
+    0.95 GB/s from eight threads in 16 MiB pieces (and 0.55 GB/s from one thread, another day).
     A tensor stored in another dtype is read through a staging buffer per thread and converted.
     """
     offsets = tensor_offsets(path)
@@ -447,16 +444,19 @@ def read_into_own_storage(path: Path, keys: list[str], dtype: torch.dtype) -> di
 class Staging:
     """The bounded host buffers every tensor crosses on its way from the file to an accelerator.
 
-    ``slots`` buffers of ``slot_bytes`` (pinned on CUDA, so each crossing is one DMA) are shared by
-    transformers' loading threads (four), so at most ``slots * slot_bytes`` of weights are on the host
-    at once, whatever the model's size. Each tensor is allocated on the device and filled piece by
-    piece; a piece stored in another dtype is converted by the copy. `allocate` and `upload` are the
-    only places device memory is touched: a stand-in overrides them to record what goes where.
+    ``slots`` buffers of ``slot_bytes`` (pinned on CUDA, so a piece of the stored dtype crosses as one
+    DMA) are shared by transformers' loading threads (four), so at most ``slots * slot_bytes`` of weights
+    are on the host at once, whatever the model's size. Each tensor is allocated on the device and filled
+    piece by piece; a piece stored in another dtype is converted by the copy (through a temporary of one
+    piece). `allocate` and `upload` are the only places device memory is touched: a stand-in overrides
+    them to record what goes where.
     """
 
     def __init__(self, device: str | torch.device, slots: int = 4, slot_bytes: int = 32 * 1024**2) -> None:
         import queue
 
+        if slots < 1 or slot_bytes < 8:
+            raise ValueError(f"Staging needs at least one buffer of at least 8 bytes; got {slots} of {slot_bytes}")
         self.device = torch.device(device)
         self.slot_bytes = slot_bytes
         self._free: Any = queue.SimpleQueue()
@@ -469,11 +469,13 @@ class Staging:
     def upload(self, into: torch.Tensor, piece: torch.Tensor) -> None:
         into.copy_(piece)   # blocking: the buffer is free again when this returns
 
-    def read(self, path: Path, fd: int, entry: tuple[str, list[int], int], dtype: torch.dtype) -> torch.Tensor:
+    def read(self, path: Path, entry: tuple[str, list[int], int], dtype: torch.dtype) -> torch.Tensor:
         stored, shape, offset = entry
         source = _TORCH_DTYPES[stored]
         out = self.allocate(shape, dtype)
         flat, per_piece = out.view(-1), self.slot_bytes // source.itemsize
+        # A descriptor per read: after a failed build transformers does not wait for its workers.
+        fd = os.open(path, os.O_RDONLY)
         buffer = self._free.get()
         try:
             for first in range(0, flat.numel(), per_piece):
@@ -483,6 +485,7 @@ class Staging:
                 self.upload(flat[first:first + count], piece.view(source))
         finally:
             self._free.put(buffer)
+            os.close(fd)
         return out
 
 
@@ -490,13 +493,12 @@ class _Staged:
     """A checkpoint tensor as transformers' loader takes it (``value[...]`` materialises it), read
     through a `Staging` straight onto its device, so the loader's own ``.to(device)`` has nothing to do."""
 
-    def __init__(self, staging: Staging, path: Path, fd: int, entry: tuple[str, list[int], int],
-                 dtype: torch.dtype) -> None:
-        self._read = (staging, path, fd, entry, dtype)
+    def __init__(self, staging: Staging, path: Path, entry: tuple[str, list[int], int], dtype: torch.dtype) -> None:
+        self._read = (staging, path, entry, dtype)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        staging, path, fd, entry, dtype = self._read
-        return staging.read(path, fd, entry, dtype)
+        staging, path, entry, dtype = self._read
+        return staging.read(path, entry, dtype)
 
 
 class _Placeholder:
@@ -513,21 +515,31 @@ class _Placeholder:
 
 
 def _swap_in(table: torch.nn.Module, host_table: torch.Tensor) -> None:
-    """The host table as the table's parameter, carrying what transformers marked on the loaded one."""
+    """The host table as the table's parameter, carrying what transformers marked on the loaded one; its
+    buffer (``embed_scale``, which transformers put on the device) joins it, as the host lookup needs."""
     placeholder = table.weight
     weight = torch.nn.Parameter(host_table, requires_grad=placeholder.requires_grad)
     weight.__dict__.update(placeholder.__dict__)
     table.weight = weight
+    for name, buffer in table.named_buffers(recurse=False):
+        if not buffer.is_meta:   # a meta stand-in's buffers have no value to move
+            setattr(table, name, buffer.to(host_table.device))
 
 
 def read_exactly(fd: int, offset: int, into: Any, path: Path) -> None:
-    """Fill ``into`` (a writable buffer) from ``fd`` at ``offset``; a short file is a `CheckpointError`."""
+    """Fill ``into`` (a writable buffer) from ``fd`` at ``offset``; a short file is a `CheckpointError`.
+
+    The bytes are then dropped from the page cache: they now live in ``into``, and a page cache growing
+    by the model's size made the second half of an E2B load read 2.6× slower here (0.37 against 0.97
+    GB/s; with the pages dropped, 1.2 GB/s throughout). A reload therefore reads from disk again."""
     view, done = memoryview(into).cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
             raise CheckpointError(f"{path} ends before the data its header promises (truncated?)")
         done += got
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 
 
 def _default_device() -> torch.device:

@@ -101,6 +101,14 @@ def materialize(stub: TowerStub, dtype: torch.dtype, device: torch.device) -> nn
     from transformers import AutoModel
 
     if not stub.tensor_files or stub.checkpoint_dir is None:
+        from .hub import fetched_text_only
+
+        left_out = fetched_text_only(stub.checkpoint_dir) if stub.checkpoint_dir is not None else None
+        if left_out is not None:
+            raise TowerNotLoadedError(
+                f"{stub.checkpoint_dir} is a {left_out}. Download the full snapshot (`hf download <hub id>`; "
+                "g3n_probe then uses it from the Hugging Face cache) and load that to run a tower"
+            )
         raise TowerNotLoadedError(
             f"this checkpoint holds no {stub.kind} tower tensors; there is no {stub.kind} tower to load"
         )
