@@ -618,14 +618,17 @@ def load(
     _resolve_dtype(dtype, _resolve_device(device))  # bad arguments are named before anything is fetched
     directory = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token,
                                local_files_only=local_files_only, download=download)
+    if tokenizer is None and _has_tokenizer_files(directory):
+        # Before the weights: building Gemma's 262k-entry tokenizer briefly takes ~0.15 GiB, which on top
+        # of the loaded weights set the load's peak.
+        read_config(directory)   # a checkpoint that is not Gemma 3n is named as such, whatever its tokenizer
+        tokenizer = _resolve_tokenizer(directory)
     module, report = load_text_model(directory, device=device, dtype=dtype, attn_implementation=attn_implementation,
                                      ple_device=ple_device)
     if altup_clip == "reference":
         from .audit import clip_coefficients
 
         report.clipped_coefficients = clip_coefficients(module)
-    if tokenizer is None and _has_tokenizer_files(report.source):
-        tokenizer = _resolve_tokenizer(report.source)
     return Gemma3nProbe(module, tokenizer=tokenizer, load_report=report)
 
 
