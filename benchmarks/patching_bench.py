@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=None)
     args = parser.parse_args()
-    from g3n_probe import patching
+    from g3n_probe.bench import measure_patching
     from g3n_probe.probe import Gemma3nProbe
     from g3n_probe.synthetic import build_tokenizer, random_model
 
@@ -38,26 +37,9 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     module = random_model(preset, device=device, dtype=dtype)
     model = Gemma3nProbe(module, tokenizer=build_tokenizer(module.config))
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randint(3, model.text_config.vocab_size_per_layer_input, (1, tokens), generator=generator)
-    corrupted = clean.clone()
-    corrupted[0, tokens // 2] = (corrupted[0, tokens // 2] + 1) % model.text_config.vocab_size_per_layer_input
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, -1, 7] - logits[:, -1, 8]
-
-    layers = model.text_config.num_hidden_layers
-    results = {}
-    for label, size in (("one trace per patch", 1), (f"sweep, {chunk} per forward", chunk)):
-        patching.sweep(model, clean, corrupted, metric, layers=[0], positions=[0, 1], chunk=size, logits_to_keep=1)
-        start = time.perf_counter()
-        result = patching.sweep(model, clean, corrupted, metric, chunk=size, logits_to_keep=1)
-        seconds = time.perf_counter() - start
-        patches = layers * tokens
-        results[label] = {"seconds": seconds, "patches": patches, "patches_per_second": patches / seconds,
-                          "forwards": result.forwards}
-    base, fast = results["one trace per patch"], results[f"sweep, {chunk} per forward"]
-    speedup = fast["patches_per_second"] / base["patches_per_second"]
+    measured = measure_patching(model, tokens=tokens, chunk=chunk)
+    layers, speedup = len(measured["layers"]), measured["speedup"]
+    results = {"one trace per patch": measured["one_per_trace"], f"sweep, {chunk} per forward": measured["sweep"]}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = ["| way | forwards | seconds | patches/s |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['forwards']} | {v['seconds']:.2f} | {v['patches_per_second']:.1f} |" for k, v in results.items()]

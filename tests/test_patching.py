@@ -25,8 +25,22 @@ def _axis(name: str, symbol: str) -> int:
     return point.shape.strip("[]").split(",").index(symbol)
 
 
+def _target_layer_outputs(stock, target):
+    """Each stock decoder layer's output for the target alone (what `sweep` reuses before a chunk's first patch)."""
+    outputs, handles = {}, []
+    for i, layer in enumerate(stock.model.language_model.layers):
+        handles.append(layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out.detach().clone())))
+    with torch.no_grad():
+        stock_forward(stock, target)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
 def _stock_chunk(stock, target, variants, source):
-    """The same batch, patched with plain hooks on the stock model (tests/reference.py's edits)."""
+    """The same batch, patched with plain hooks on the stock model (tests/reference.py's edits); layers
+    before the chunk's first patch give the target's own output (KV 'store' layers run: later layers read
+    their keys and values), as `sweep` does."""
     plan: dict = {}
     for row, (layer, name, position) in enumerate(variants):
         plan.setdefault((layer, name), []).append((row, position))
@@ -47,7 +61,15 @@ def _stock_chunk(stock, target, variants, source):
             return value
         return fn
 
+    prefix = _target_layer_outputs(stock, target)
+    modes = stock.config.text_config.kv_sharing_modes
+    first = min(layer for layer, _, _ in variants)
     with ExitStack() as stack, torch.no_grad():
+        for i in range(first):
+            if modes[i] != "store":
+                replacement = prefix[i].expand(-1, len(variants), -1, -1).contiguous()
+                hook = stock.model.language_model.layers[i].register_forward_hook(lambda m, a, out, r=replacement: r)
+                stack.callback(hook.remove)
         for (layer, name), rows in plan.items():
             stack.enter_context(edited(stock, name, layer, writer(name, layer, rows)))
         return metric(stock_forward(stock, batch).logits).float()
@@ -60,7 +82,8 @@ def test_every_entry_equals_stock_hooks_on_the_same_batch(probe, stock, directio
                                 direction=direction, chunk=4)
     source_ids, target_ids = (CLEAN, CORRUPTED) if direction == "denoise" else (CORRUPTED, CLEAN)
     source = capture(stock, source_ids)
-    variants = [(layer, name, p % CLEAN.shape[1]) for layer in layers for name in names for p in positions]
+    in_order = sorted(names, key=[p.name for p in POINTS].index)   # sweep's chunks: execution order
+    variants = [(layer, name, p % CLEAN.shape[1]) for layer in layers for name in in_order for p in positions]
     assert result.forwards == 3
     for start in range(0, len(variants), 4):
         chunk = variants[start:start + 4]

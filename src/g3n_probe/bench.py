@@ -240,10 +240,11 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
     on_host = variants.get("g3n_table_host", {}).get("shapes", {})
     rows: list[dict[str, Any]] = []
 
-    def add(target: str, what: str, value: float | None, limit: float | None, unit: str) -> None:
+    def add(target: str, what: str, value: float | None, limit: float | None, unit: str, at_least: bool = False) -> None:
         if value is not None:
+            ok = None if limit is None else (value >= limit if at_least else value <= limit)
             rows.append({"target": target, "what": what, "value": value, "limit": limit, "unit": unit,
-                         "ok": None if limit is None else value <= limit})
+                         "at_least": at_least, "ok": ok})
 
     for name, entry in variants.items():
         resident = entry.get("resident_device_bytes")
@@ -266,6 +267,9 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
                       ("text_bytes_read_seconds", "reading the text tensors' bytes alone")):
         if key in results.get("load", {}):
             add("G5", what, results["load"][key], None, "s")
+    if "patching" in results:
+        add("G6", f"patches/s, sweep ({results['patching']['chunk']} per forward) / one trace per patch, "
+                  f"B1×T{results['patching']['tokens']}", results["patching"]["speedup"], 10.0, "×", at_least=True)
     load = results.get("load", {})
     if "host_rss_added_bytes" in load:
         add("G5", "host memory the load added (peak RSS − RSS before) / (per-layer table + 1 GiB)",
@@ -337,10 +341,57 @@ def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
     return result
 
 
+def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | None = None) -> dict[str, Any]:
+    """Patches per second of `patching.sweep` (``chunk`` variants per forward, layers before a chunk's first
+    patch reused) against a loop of one plain trace per patch, on the same patches: ``resid_mid`` at
+    ``layers`` (default all) × every position of a random B1×T prompt pair whose middle token differs, with
+    a last-position logit difference (``logits_to_keep=1``). The sweep's time includes its own set-up (the
+    source cache and the two baseline forwards); the loop's does not."""
+    from . import patching
+    from .points import POINTS
+
+    vocab = model.text_config.vocab_size_per_layer_input
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(3, vocab, (1, tokens), generator=generator)
+    corrupted = clean.clone()
+    corrupted[0, tokens // 2] = (corrupted[0, tokens // 2] + 1) % vocab
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 7] - logits[:, -1, 8]
+
+    layers = list(range(model.text_config.num_hidden_layers)) if layers is None else layers
+    device = next(model._module.parameters()).device
+    variants = [(layer, "resid_mid", position) for layer in layers for position in range(tokens)]
+    by_name = {p.name: p for p in POINTS}
+    source = model.cache(clean, ["resid_mid"], layers=layers, verbose=False)
+
+    def loop() -> int:
+        for variant in variants:
+            patching.patched_metric(model, corrupted, [variant], source, by_name, metric, logits_to_keep=1)
+        return len(variants)
+
+    def sweep() -> int:
+        return patching.sweep(model, clean, corrupted, metric, layers=layers, chunk=chunk, logits_to_keep=1).forwards
+
+    results: dict[str, Any] = {"tokens": tokens, "layers": layers, "chunk": chunk}
+    patching.sweep(model, clean, corrupted, metric, layers=layers[:1], positions=[0, 1], chunk=chunk,
+                   logits_to_keep=1)   # warm-up
+    for label, run in (("one_per_trace", loop), ("sweep", sweep)):
+        _sync(device)
+        start = time.perf_counter()
+        forwards = run()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        results[label] = {"seconds": seconds, "patches": len(variants),
+                          "patches_per_second": len(variants) / seconds, "forwards": forwards}
+    results["speedup"] = results["sweep"]["patches_per_second"] / results["one_per_trace"]["patches_per_second"]
+    return results
+
+
 def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:
     lines = [f"GPU check on {device_name}", "", "| target | what | measured | limit | |", "|---|---|---|---|---|"]
     for row in rows:
-        limit = "" if row["limit"] is None else f"≤ {row['limit']:g} {row['unit']}"
+        limit = "" if row["limit"] is None else f"{'≥' if row.get('at_least') else '≤'} {row['limit']:g} {row['unit']}"
         verdict = "" if row["ok"] is None else ("ok" if row["ok"] else "**missed**")
         lines.append(f"| {row['target']} | {row['what']} | {row['value']:.3f} {row['unit']} | {limit} | {verdict} |")
     return "\n".join(lines)

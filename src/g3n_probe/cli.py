@@ -263,14 +263,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _gpu_check(args: argparse.Namespace, preset: str, out: Path, results: dict) -> int:
-    """Every performance target in one run: writes the synthetic checkpoint, measures G5 on it, evaluates
-    G1–G5 on the run's figures, writes gpu_check_<device>_<preset>.{json,md}, and fails on a missed target."""
+    """Every performance target in one run: writes the synthetic checkpoint, measures G5 on it and the
+    patching throughput (G6), evaluates G1–G6 on the run's figures, writes gpu_check_<device>_<preset>.{json,md},
+    and fails on a missed target."""
     import json
     import shutil
     import tempfile
 
-    from .bench import check_markdown, check_targets, measure_load
-    from .synthetic import save_checkpoint
+    import torch
+
+    from .bench import check_markdown, check_targets, measure_load, measure_patching
+    from .probe import Gemma3nProbe
+    from .synthetic import build_tokenizer, random_model, save_checkpoint
 
     scratch = Path(tempfile.mkdtemp(prefix="g3n_gpu_check_"))
     try:
@@ -279,6 +283,16 @@ def _gpu_check(args: argparse.Namespace, preset: str, out: Path, results: dict) 
         results["load"] = measure_load(checkpoint, args.device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    console.print("patching: sweep vs one trace per patch ...")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    module = random_model(preset, device=args.device, dtype=dtype)
+    layers = module.config.get_text_config().num_hidden_layers
+    # Two layers × every position keeps the one-trace-per-patch side to a few hundred traces.
+    results["patching"] = measure_patching(Gemma3nProbe(module, tokenizer=build_tokenizer(module.config)),
+                                           tokens=128 if args.device.startswith("cuda") else 16,
+                                           chunk=64 if args.device.startswith("cuda") else 32,
+                                           layers=[layers // 3, 2 * layers // 3])
+    del module
     rows = check_targets(results)
     text = check_markdown(rows, results["device"])
     console.print(text, markup=False)

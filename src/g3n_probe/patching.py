@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from . import arch
 from .points import LAYER, POINTS, Point
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -138,7 +139,8 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
         positions: token positions (default all; negative from the end); an entry that is a list of
             positions is a group, patched together as one column (e.g. every token of a name).
         direction: "denoise" writes clean values into the corrupted run, "noise" the reverse.
-        chunk: variants per forward: the memory budget (activations scale with it).
+        chunk: variants per forward: the memory budget (activations scale with it). Layers before a
+            chunk's first patch are not recomputed: they give the target's own output (`patched_metric`).
         logits_to_keep: compute logits for the last n positions only (0: all), as in a trace; a metric
             that reads only the last position (logits[:, -1]) can pass 1 and skip most of the lm_head.
     """
@@ -148,7 +150,10 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
     tokens = target_ids.shape[1]
     positions = list(range(tokens)) if positions is None else [_column(p, tokens) for p in positions]
     source = model.cache(source_ids, names, layers=layers, verbose=False)
+    prefix: list[torch.Tensor] = []   # the target's layer outputs, for the layers before a chunk's first patch
     with torch.no_grad(), model.trace(target_ids, logits_to_keep=logits_to_keep):
+        for layer in range(max(layers)):
+            prefix.append(model.layers[layer].output.save())
         target_logits = model.logits.output.save()
     with torch.no_grad(), model.trace(source_ids, logits_to_keep=logits_to_keep):
         source_logits = model.logits.output.save()
@@ -161,7 +166,7 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
     forwards = 0
     for start in range(0, len(variants), chunk):
         group = variants[start:start + chunk]
-        scores = patched_metric(model, target_ids, group, source, by_name, metric, logits_to_keep)
+        scores = patched_metric(model, target_ids, group, source, by_name, metric, logits_to_keep, prefix)
         forwards += 1
         for (layer, name, position), score in zip(group, scores.tolist()):
             values[name][row_of_layer[layer], column_of[position]] = score
@@ -183,30 +188,46 @@ def _column(position: int | Sequence[int], tokens: int) -> int | tuple[int, ...]
 
 
 def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[int, str, int]], source: dict,
-                   by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0) -> torch.Tensor:
+                   by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0,
+                   prefix: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """One forward over ``len(variants)`` copies of ``target_ids``; row r has variant r's value patched in.
 
     A variant is (layer, point name, position); ``source`` maps ``"layers.<i>.<name>"`` to that point's
     value on the source prompt. Writes are made in execution order (layer, then table order).
+
+    ``prefix`` (the target's own layer outputs, from a forward of ``target_ids`` alone): every row is the
+    unpatched target until the first patched layer, so layers before it are skipped and their output is
+    the target's, except KV 'store' layers, which run because later layers read their keys and values.
+    On a sweep over all layers this halves the work. Rows then differ from a plain batched forward of
+    the same patches by batch-composition rounding only (the skipped layers ran at batch 1).
     """
     batch = target_ids.expand(len(variants), -1).contiguous()
+    first = min(layer for layer, _, _ in variants)
+    skipped = [i for i in range(min(first, len(prefix))) if not arch.is_kv_store(model.text_config, i)]
     order = [p.name for p in POINTS]
     plan: dict[tuple[int, str], list[tuple[int, int]]] = {}
     for row, (layer, name, position) in enumerate(variants):
         plan.setdefault((layer, name), []).append((row, position))
     steps = sorted(plan, key=lambda key: (key[0], order.index(key[1])))
     with torch.no_grad(), model.trace(batch, logits_to_keep=logits_to_keep):
+        for layer in skipped:
+            # Stream stacks [S, B, T, D]: the target's row, once per variant.
+            model.layers[layer].skip(prefix[layer].expand(-1, len(variants), -1, -1).contiguous())
         for layer, name in steps:
             point = by_name[name]
             value = getattr(model.layers[layer], name).output
             patch = source[f"layers.{layer}.{name}"]
-            for row, position in plan[(layer, name)]:
-                index = [slice(None)] * patch.dim()
-                index[_batch_axis(point)] = slice(row, row + 1)
-                index[_token_axis(point)] = list(position) if isinstance(position, tuple) else position
-                source_index = list(index)
-                source_index[_batch_axis(point)] = slice(0, 1)
-                value[tuple(index)] = patch[tuple(source_index)].to(value.device)
+            # Every (row, position) of this point in one indexed write: the rows are distinct variants,
+            # so one write equals the writes one by one, and costs one operation instead of one per variant.
+            pairs = [(row, p) for row, position in plan[(layer, name)]
+                     for p in (position if isinstance(position, tuple) else (position,))]
+            rows = torch.tensor([row for row, _ in pairs], device=value.device)
+            tokens = torch.tensor([p for _, p in pairs], device=value.device)
+            index: list[Any] = [slice(None)] * patch.dim()
+            index[_batch_axis(point)], index[_token_axis(point)] = rows, tokens
+            source_index = list(index)
+            source_index[_batch_axis(point)] = torch.zeros_like(rows)
+            value[tuple(index)] = patch.to(value.device)[tuple(source_index)]
         logits = model.logits.output.save()
     return metric(logits).detach().float().cpu()
 
