@@ -207,3 +207,43 @@ def test_position_groups_are_patched_together(probe, stock):
                                 chunk=1)
     assert torch.equal(single.values["attn_out"][0, 0:1], expected)
     assert torch.allclose(result.values["attn_out"][0, 0:1], expected, atol=1e-4 * abs(result.source - result.baseline))
+
+
+def test_skipping_the_prefix_changes_only_rounding_even_past_kv_store_layers(probe):
+    """Layers 4 and 5 reuse the keys and values of store layers 2 and 3, which run while 0 and 1 are skipped."""
+    from g3n_probe.patching import patched_metric, prefix_needs
+
+    names = ["resid_mid"]
+    source = probe.cache(CLEAN, names, layers=[4, 5], verbose=False)
+    variants = [(4, "resid_mid", 2), (5, "resid_mid", 8), (4, "resid_mid", 8)]
+    assert prefix_needs(probe, variants) == {1}, "0 hands on to skipped 1; 1 hands on to store layer 2"
+    prefix = {}
+    with torch.no_grad(), probe.trace(CORRUPTED):
+        prefix[1] = probe.layers[1].output.save()
+    by_name = {p.name: p for p in POINTS}
+    skipped = patched_metric(probe, CORRUPTED, variants, source, by_name, metric, prefix=prefix)
+    plain = patched_metric(probe, CORRUPTED, variants, source, by_name, metric)
+    assert torch.allclose(skipped, plain, atol=1e-5, rtol=0) and not torch.equal(skipped, plain.new_zeros(3))
+    with pytest.raises(ValueError, match="lacks the target's output of layer"):
+        patched_metric(probe, CORRUPTED, variants, source, by_name, metric, prefix={0: prefix[1]})
+
+
+def test_attention_patterns_are_patched_on_their_query_position(probe_eager):
+    layer, positions = 4, [2, -1]
+    result = g3n.patching.sweep(probe_eager, CLEAN, CORRUPTED, metric, points=["attn_pattern"], layers=[layer],
+                                positions=positions, chunk=2)
+    with torch.no_grad(), probe_eager.trace(CLEAN):
+        clean_pattern = probe_eager.layers[layer].attn_pattern.output.save()
+    span = abs(result.source - result.baseline)
+    for j, position in enumerate(positions):
+        with torch.no_grad(), probe_eager.trace(CORRUPTED):
+            probe_eager.layers[layer].attn_pattern.output[:, :, position] = clean_pattern[:, :, position]
+            logits = probe_eager.logits.output.save()
+        expected = metric(logits).float()[0]
+        assert abs(result.values["attn_pattern"][0, j] - expected) <= 1e-4 * span, (position, expected)
+    assert not torch.allclose(result.values["attn_pattern"][0], torch.tensor(result.baseline))
+
+
+def test_a_sweep_over_no_layers_is_empty(probe):
+    result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, layers=[])
+    assert result.forwards == 0 and result.values["resid_mid"].shape == (0, CLEAN.shape[1])

@@ -299,7 +299,8 @@ def _gpu_check(args: argparse.Namespace, preset: str, out: Path, results: dict) 
     stem = f"gpu_check_{args.device.split(':')[0]}_{preset}"
     (out / f"{stem}.json").write_text(json.dumps({"results": results, "targets": rows}, indent=2, default=str))
     (out / f"{stem}.md").write_text(text + "\n")
-    missed = [f"{r['target']} {r['what']}: {r['value']:.3f} {r['unit']} (limit {r['limit']:g})" for r in rows if r["ok"] is False]
+    missed = [f"{r['target']} {r['what']}: {r['value']:.3f} {r['unit']} (must be {'≥' if r.get('at_least') else '≤'} "
+              f"{r['limit']:g})" for r in rows if r["ok"] is False]
     if missed:
         console.print("error: targets missed: " + "; ".join(missed), markup=False)
         return 1

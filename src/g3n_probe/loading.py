@@ -531,15 +531,19 @@ def read_exactly(fd: int, offset: int, into: Any, path: Path) -> None:
 
     The bytes are then dropped from the page cache: they now live in ``into``, and a page cache growing
     by the model's size made the second half of an E2B load read 2.6× slower here (0.37 against 0.97
-    GB/s; with the pages dropped, 1.2 GB/s throughout). A reload therefore reads from disk again."""
+    GB/s; with the pages dropped, 1.2 GB/s throughout). A reload therefore reads from disk again;
+    ``G3N_PROBE_KEEP_PAGE_CACHE=1`` keeps the pages (several processes loading one checkpoint at once)."""
     view, done = memoryview(into).cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
             raise CheckpointError(f"{path} ends before the data its header promises (truncated?)")
         done += got
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+    if view and hasattr(os, "posix_fadvise") and not os.environ.get("G3N_PROBE_KEEP_PAGE_CACHE"):
+        try:
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass   # advice only: the bytes are read either way
 
 
 def _default_device() -> torch.device:

@@ -11,9 +11,11 @@ are patched on their own batch axis (dimension 1), attention patterns on their q
     result.plot()                       # a heatmap per point: layer × position
 
 ``direction="denoise"`` (default) runs the corrupted prompt and writes clean values into it;
-``"noise"`` runs the clean prompt and writes corrupted values. Exactness: each entry equals what plain
-torch hooks on a stock model give for the same batch (tested with ``torch.equal``); against one patch
-per forward it differs only by how the batch size changes kernel rounding.
+``"noise"`` runs the clean prompt and writes corrupted values. Every row is the unpatched target until
+its patched layer, so the layers before a chunk's first patch are skipped and give the target's own
+output (see `patched_metric`). Exactness: each entry equals what plain torch hooks on a stock model give
+for the same batch with the same layers replaced (tested with ``torch.equal``); against one patch per
+forward it differs only by how the batch size changes kernel rounding.
 """
 
 from __future__ import annotations
@@ -150,22 +152,24 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
     tokens = target_ids.shape[1]
     positions = list(range(tokens)) if positions is None else [_column(p, tokens) for p in positions]
     source = model.cache(source_ids, names, layers=layers, verbose=False)
-    prefix: list[torch.Tensor] = []   # the target's layer outputs, for the layers before a chunk's first patch
+    variants = [(layer, name, position) for layer in sorted(layers) for name in names for position in positions]
+    chunks = [variants[start:start + chunk] for start in range(0, len(variants), chunk)]
+    # The target's own layer outputs that a skipped prefix hands on (`prefix_needs`), saved once.
+    needed = sorted(set().union(*(prefix_needs(model, group) for group in chunks)))
+    prefix: dict[int, torch.Tensor] = {}
     with torch.no_grad(), model.trace(target_ids, logits_to_keep=logits_to_keep):
-        for layer in range(max(layers)):
-            prefix.append(model.layers[layer].output.save())
+        for layer in needed:
+            prefix[layer] = model.layers[layer].output.save()
         target_logits = model.logits.output.save()
     with torch.no_grad(), model.trace(source_ids, logits_to_keep=logits_to_keep):
         source_logits = model.logits.output.save()
     baseline, reference = float(metric(target_logits)[0]), float(metric(source_logits)[0])
 
-    variants = [(layer, name, position) for layer in sorted(layers) for name in names for position in positions]
     values = {name: torch.full((len(layers), len(positions)), math.nan) for name in names}
     row_of_layer = {layer: i for i, layer in enumerate(layers)}
     column_of = {position: j for j, position in enumerate(positions)}
     forwards = 0
-    for start in range(0, len(variants), chunk):
-        group = variants[start:start + chunk]
+    for group in chunks:
         scores = patched_metric(model, target_ids, group, source, by_name, metric, logits_to_keep, prefix)
         forwards += 1
         for (layer, name, position), score in zip(group, scores.tolist()):
@@ -187,23 +191,40 @@ def _column(position: int | Sequence[int], tokens: int) -> int | tuple[int, ...]
     return int(position) % tokens
 
 
+def _skipped(model: Any, variants: list[tuple[int, str, Any]]) -> list[int]:
+    """The layers a chunk skips: those before its first patch, but not KV 'store' layers, which run
+    because later layers read the keys and values they leave during the forward."""
+    first = min(layer for layer, _, _ in variants)
+    return [i for i in range(first) if not arch.is_kv_store(model.text_config, i)]
+
+
+def prefix_needs(model: Any, variants: list[tuple[int, str, Any]]) -> set[int]:
+    """The skipped layers whose output is read (by the layer after them, which runs); the other skipped
+    layers hand their output to a skipped layer, so any value of the right shape does."""
+    skipped = set(_skipped(model, variants))
+    return {i for i in skipped if i + 1 not in skipped}
+
+
 def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[int, str, int]], source: dict,
                    by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0,
-                   prefix: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                   prefix: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """One forward over ``len(variants)`` copies of ``target_ids``; row r has variant r's value patched in.
 
     A variant is (layer, point name, position); ``source`` maps ``"layers.<i>.<name>"`` to that point's
     value on the source prompt. Writes are made in execution order (layer, then table order).
 
-    ``prefix`` (the target's own layer outputs, from a forward of ``target_ids`` alone): every row is the
-    unpatched target until the first patched layer, so layers before it are skipped and their output is
-    the target's, except KV 'store' layers, which run because later layers read their keys and values.
-    On a sweep over all layers this halves the work. Rows then differ from a plain batched forward of
-    the same patches by batch-composition rounding only (the skipped layers ran at batch 1).
+    ``prefix`` (layer -> the target's own output of that layer, from a forward of ``target_ids`` alone,
+    for at least the layers `prefix_needs` names): every row is the unpatched target until the first
+    patched layer, so the layers before it are skipped and give the target's output, except KV 'store'
+    layers, which run. On a sweep over all layers this halves the work. Rows then differ from a plain
+    batched forward of the same patches by batch-composition rounding only (the skipped layers ran at
+    batch 1). ``None``: nothing is skipped.
     """
     batch = target_ids.expand(len(variants), -1).contiguous()
-    first = min(layer for layer, _, _ in variants)
-    skipped = [i for i in range(min(first, len(prefix))) if not arch.is_kv_store(model.text_config, i)]
+    skipped = _skipped(model, variants) if prefix is not None else []
+    if prefix is not None and (missing := prefix_needs(model, variants) - set(prefix)):
+        raise ValueError(f"prefix lacks the target's output of layer(s) {sorted(missing)}")
+    template = next(iter(prefix.values())) if skipped else None
     order = [p.name for p in POINTS]
     plan: dict[tuple[int, str], list[tuple[int, int]]] = {}
     for row, (layer, name, position) in enumerate(variants):
@@ -211,8 +232,11 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[in
     steps = sorted(plan, key=lambda key: (key[0], order.index(key[1])))
     with torch.no_grad(), model.trace(batch, logits_to_keep=logits_to_keep):
         for layer in skipped:
-            # Stream stacks [S, B, T, D]: the target's row, once per variant.
-            model.layers[layer].skip(prefix[layer].expand(-1, len(variants), -1, -1).contiguous())
+            if layer in prefix:   # stream stacks [S, B, T, D]: the target's row, once per variant
+                model.layers[layer].skip(prefix[layer].expand(-1, len(variants), -1, -1).contiguous())
+            else:                 # handed to a skipped layer: never read, so no memory spent on it
+                filler = torch.zeros((), dtype=template.dtype, device=template.device)
+                model.layers[layer].skip(filler.expand(template.shape[0], len(variants), *template.shape[2:]))
         for layer, name in steps:
             point = by_name[name]
             value = getattr(model.layers[layer], name).output
@@ -220,14 +244,15 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[in
             # Every (row, position) of this point in one indexed write: the rows are distinct variants,
             # so one write equals the writes one by one, and costs one operation instead of one per variant.
             pairs = [(row, p) for row, position in plan[(layer, name)]
-                     for p in (position if isinstance(position, tuple) else (position,))]
-            rows = torch.tensor([row for row, _ in pairs], device=value.device)
-            tokens = torch.tensor([p for _, p in pairs], device=value.device)
+                     for p in (position if isinstance(position, (tuple, list)) else (position,))]
+            tokens = torch.tensor([p for _, p in pairs])
             index: list[Any] = [slice(None)] * patch.dim()
-            index[_batch_axis(point)], index[_token_axis(point)] = rows, tokens
-            source_index = list(index)
-            source_index[_batch_axis(point)] = torch.zeros_like(rows)
-            value[tuple(index)] = patch.to(value.device)[tuple(source_index)]
+            index[_batch_axis(point)] = torch.zeros_like(tokens)
+            index[_token_axis(point)] = tokens
+            rows = patch[tuple(index)].to(value.device)   # only the rows written cross to the device
+            index[_batch_axis(point)] = torch.tensor([row for row, _ in pairs], device=value.device)
+            index[_token_axis(point)] = tokens.to(value.device)
+            value[tuple(index)] = rows
         logits = model.logits.output.save()
     return metric(logits).detach().float().cpu()
 
