@@ -215,9 +215,10 @@ def test_unknown_repository_and_revision_are_named(server):
     ("g3n-test/a--b", {}, "not a valid hub id"),
     (REPO, {"revision": ".."}, "not a branch, tag or commit"),
     (REPO, {"revision": ""}, "not a branch, tag or commit"),
+    (REPO, {"revision": 3}, "revision must be a branch, tag or commit as a string"),
 ])
 def test_bad_names_are_refused_before_any_request(server, source, options, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         g3n.load(source, **options)
     assert server.log == []
 

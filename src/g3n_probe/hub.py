@@ -91,6 +91,9 @@ def is_offline() -> bool:
 def _check_names(repo_id: str, revision: str | None) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a branch, tag or commit as a string; got {type(revision).__name__}")
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
