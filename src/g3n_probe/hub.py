@@ -209,7 +209,8 @@ class _Hub:
         if isinstance(error, HfHubHTTPError):
             return FetchError(f"{self.repo_id}: the hub answered {what} with HTTP {status}: {error}")
         return FetchError(f"{self.repo_id}: cannot reach {self.endpoint} for {what}: {type(error).__name__}: {error}. "
-                          "Check the network, or load with download=False to use only what is cached")
+                          "Check the network, or load with download=False (`--offline` on the command line) to use only what "
+                          "is cached")
 
     def info(self, revision: str | None) -> Any:
         from huggingface_hub import constants
@@ -701,7 +702,7 @@ def resolve(
             return cached
         from huggingface_hub import constants
 
-        why = ("download=False" if not download else "local_files_only=True" if local_files_only
+        why = ("download=False (--offline)" if not download else "local_files_only=True" if local_files_only
                else "offline mode is on (HF_HUB_OFFLINE)")
         raise FileNotFoundError(
             f"{repo_id!r} (revision {revision or 'main'}) is neither a local directory nor cached: not in the g3n "
