@@ -27,13 +27,15 @@ def _token(tokenizer: Any, token_id: int) -> str:
 def run_demo(source: str | None, out: Path, prompt: str | None = None, console: Console | None = None,
              load_options: dict[str, Any] | None = None) -> dict:
     import g3n_probe as g3n
+    from .loading import resolve_source
 
     console = console or Console()
     prompt = prompt or DEFAULT_PROMPT
     results: dict[str, Any] = {}
+    directory = resolve_source(source, **(load_options or {}))   # a first fetch shows its own byte progress
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("loading the checkpoint text-only", total=None)
-        model = g3n.load(source, **(load_options or {}))
+        model = g3n.load(directory)
         text = model.text_config
         layers = text.num_hidden_layers
         progress.update(task, description="tracing the prompt")
