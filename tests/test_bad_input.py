@@ -24,9 +24,13 @@ def _still_exact(probe, stock, ids):
         (torch.tensor([[2.0, 5.0]]), TypeError, "integer"),
         (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
         (torch.tensor([[[2, 5]]]), ValueError, "2-D"),
+        ([], ValueError, r"no input \(\[\]\)"),
+        (None, ValueError, r"no input \(None\)"),
+        ("", ValueError, r"no input"),
+        (torch.tensor([[2, 5, 7]], dtype=torch.uint8), TypeError, r"torch.long.*got torch.uint8: convert with ids.long\(\)"),
     ],
 )
-def test_bad_token_ids(probe, stock, ids, bad, error, message):
+def test_bad_trace_inputs(probe, stock, ids, bad, error, message):
     with pytest.raises(error, match=message):
         with probe.trace(bad):
             probe.logits.output.save()
@@ -69,19 +73,6 @@ def test_non_tensor_write(probe, stock, ids):
     with pytest.raises(PointWriteError, match="expected a tensor"):
         with probe.trace(ids):
             probe.embed.output = 3.0
-    _still_exact(probe, stock, ids)
-
-
-@pytest.mark.parametrize("bad,error,message", [
-    ([], ValueError, r"no input \(\[\]\)"),
-    (None, ValueError, r"no input \(None\)"),
-    ("", ValueError, r"no input"),
-    (torch.tensor([[2, 5, 7]], dtype=torch.uint8), TypeError, r"torch.long.*got torch.uint8: convert with ids.long\(\)"),
-])
-def test_empty_and_wrongly_typed_trace_inputs(probe, stock, ids, bad, error, message):
-    with pytest.raises(error, match=message):
-        with probe.trace(bad):
-            probe.logits.output.save()
     _still_exact(probe, stock, ids)
 
 

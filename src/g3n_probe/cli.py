@@ -311,7 +311,6 @@ def _hub_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"revision": args.revision, "cache_dir": args.cache_dir, "download": not args.offline}
 
 
-
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .hub import fetch
 

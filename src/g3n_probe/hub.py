@@ -212,14 +212,21 @@ class _Hub:
                           "Check the network, or load with download=False (`--offline` on the command line) to use only what "
                           "is cached")
 
-    def info(self, revision: str | None) -> Any:
+    def info(self, revision: str | None) -> tuple[str, dict[str, int], dict[str, str]]:
+        """The commit ``revision`` names, and each file's size and (where the hub gives one) LFS sha256."""
         from huggingface_hub import constants
 
         try:
-            return self.api.model_info(self.repo_id, revision=revision, files_metadata=True,
+            info = self.api.model_info(self.repo_id, revision=revision, files_metadata=True,
                                        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - made plain by explain()
             raise self.explain(error, f"revision {revision or 'main'}") from None
+        if not isinstance(info.sha, str) or not _HEX_COMMIT.match(info.sha):
+            raise FetchError(f"{self.repo_id}: the hub answered with commit {info.sha!r}, not a 40-digit hex id")
+        siblings = info.siblings or []
+        sizes = {s.rfilename: (s.size or 0) for s in siblings}
+        hashes = {s.rfilename: s.lfs.sha256 for s in siblings if getattr(s, "lfs", None) is not None}
+        return info.sha, sizes, hashes
 
     def url(self, commit: str, filename: str) -> str:
         # The hub's file URL (as `huggingface_hub.hf_hub_url` builds it, but on this endpoint).
@@ -480,21 +487,13 @@ def _fill(hub: _Hub, commit: str, plan: _FilePlan, directory: Path, progress: An
     if partial.stat().st_size != plan.size:
         raise FetchError(f"{hub.repo_id}/{plan.name}: {partial.stat().st_size} bytes on disk, expected {plan.size}")
     try:
-        _check_safetensors(partial)
+        _keys_in(partial)   # safetensors checks on open that each tensor's bytes match its header entry
     except CheckpointError as error:
         partial.unlink()   # complete yet invalid: the next call fetches it afresh
         raise CheckpointError(f"{hub.repo_id}/{plan.name} arrived complete but is not a valid safetensors file "
                               f"({error}); it was deleted, run again to fetch it afresh") from None
     os.replace(partial, target)
     return fetched
-
-
-def _check_safetensors(path: Path) -> None:
-    """Each tensor's bytes match its header entry (safetensors checks this on open)."""
-    from .loading import open_safetensors
-
-    with open_safetensors(path) as handle:
-        handle.keys()
 
 
 def _keys_in(path: Path) -> set[str]:
@@ -547,13 +546,7 @@ def fetch(
 
     _check_names(repo_id, revision)
     hub = _Hub(repo_id, token, endpoint)
-    info = hub.info(revision)
-    commit = info.sha
-    if not isinstance(commit, str) or not _HEX_COMMIT.match(commit):
-        raise FetchError(f"{repo_id}: the hub answered with commit {commit!r}, not a 40-digit hex id")
-    siblings = info.siblings or []
-    sizes = {s.rfilename: (s.size or 0) for s in siblings}
-    hashes = {s.rfilename: s.lfs.sha256 for s in siblings if getattr(s, "lfs", None) is not None}
+    commit, sizes, hashes = hub.info(revision)
     root = cache_root(cache_dir)
     repo = _repo_dir(root, repo_id)
     snapshot = repo / "snapshots" / commit
@@ -663,15 +656,12 @@ def fetch_config(repo_id: str, revision: str | None = None, *, cache_dir: str | 
     point table or the layers, without fetching weights. ``<root>/models--…/configs/<commit>/``."""
     _check_names(repo_id, revision)
     hub = _Hub(repo_id, token, endpoint)
-    info = hub.info(revision)
-    if not isinstance(info.sha, str) or not _HEX_COMMIT.match(info.sha):
-        raise FetchError(f"{repo_id}: the hub answered with commit {info.sha!r}, not a 40-digit hex id")
-    sizes = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
-    directory = _repo_dir(cache_root(cache_dir), repo_id) / "configs" / info.sha
+    commit, sizes, _ = hub.info(revision)
+    directory = _repo_dir(cache_root(cache_dir), repo_id) / "configs" / commit
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", INDEX):
         if name in sizes:
-            _fetch_small(hub, info.sha, name, sizes[name], directory, None)
+            _fetch_small(hub, commit, name, sizes[name], directory, None)
     return directory
 
 
