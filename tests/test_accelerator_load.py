@@ -1,7 +1,7 @@
 """The accelerator load, proved without an accelerator.
 
 On an accelerator every tensor crosses from the file to the device through the bounded buffers of a
-`loading.Staging`, and the per-layer table is read into host storage and never copied to the device.
+`staging.Staging`, and the per-layer table is read into host storage and never copied to the device.
 Here the `Staging` is injected: a recording stand-in on the CPU (so values can be compared with a
 plain load) or on the meta device (so nothing lands on the host but the table).
 """
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from g3n_probe import arch, ple
-from g3n_probe._util import SAFETENSORS_DTYPE_BYTES
-from g3n_probe.loading import Staging, keys_read, load_text_model, read_config, tensor_offsets, weight_map
+from g3n_probe.checkpoint import DTYPE_BYTES, keys_read, read_config, tensor_offsets, weight_map
+from g3n_probe.loading import load_text_model
+from g3n_probe.staging import Staging, swap_in
 
 TABLE_KEY = "model.language_model.embed_tokens_per_layer.weight"
 IDS = torch.tensor([[2, 17, 5, 9, 11, 40, 3], [2, 8, 8, 30, 12, 7, 1]])
@@ -63,7 +64,7 @@ def test_every_tensor_but_the_table_crosses_the_staging_buffers_once(tiny_dir):
     model, report = load_text_model(tiny_dir, ple_device="cpu", staging=staging)
     entries = stored(tiny_dir)
     read = [k for k in keys_read(entries, read_config(tiny_dir))[0] if k != TABLE_KEY]
-    expected_bytes = sum(math.prod(entries[k][1]) * SAFETENSORS_DTYPE_BYTES[entries[k][0]] for k in read)
+    expected_bytes = sum(math.prod(entries[k][1]) * DTYPE_BYTES[entries[k][0]] for k in read)
     assert sum(staging.uploaded) == expected_bytes, "each non-table tensor crossed exactly once"
     assert sorted(staging.allocated) == sorted(tuple(entries[k][1]) for k in read)
     assert max(staging.uploaded) <= 64 * 1024, "no crossing is larger than one staging buffer"
@@ -113,12 +114,11 @@ def test_on_a_meta_stand_in_only_the_table_lands_on_the_host(tiny_dir):
 
 def test_the_tables_buffer_joins_the_host_table():
     """On CUDA transformers puts ``embed_scale`` on the device; the host lookup needs it on the host."""
-    from g3n_probe.loading import _swap_in
 
     table = torch.nn.Embedding(4, 3)
     table.register_buffer("embed_scale", torch.tensor(2.0, dtype=torch.float64), persistent=False)
     host = torch.randn(4, 3, dtype=torch.float64)
-    _swap_in(table, host)
+    swap_in(table, host)
     assert table.weight.data_ptr() == host.data_ptr() and table.embed_scale.dtype == torch.float64
     assert "embed_scale" in table._buffers and "embed_scale" not in table.state_dict()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from g3n_probe.bench import check_markdown, check_targets
+from g3n_probe.gpu_check import check_markdown, check_targets
 from g3n_probe.cli import main
 
 GIB = 1024**3

@@ -79,10 +79,10 @@ def test_cache_dataset_and_resume(probe, tmp_path, monkeypatch):
 
     paths[1].unlink()  # an interrupted run: one shard missing
     calls = []
-    from g3n_probe import cache as cache_module
+    from g3n_probe import dataset as cache_module
 
-    real = cache_module.cache
-    monkeypatch.setattr(cache_module, "cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cache_module.collect
+    monkeypatch.setattr(cache_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
     with pytest.warns(UserWarning, match="shard-000001.safetensors missing: recomputing it"):
         g3n.cache_dataset(probe, TEXTS, ["layers.1.altup_predict", "ple_out"], out, batch_size=3, layers=[0, 2],
                           progress=False)
@@ -135,7 +135,7 @@ def _run(model, out, texts=TEXTS, **kwargs):
 def test_weights_digest_sees_one_changed_weight(probe):
     import copy
 
-    from g3n_probe.cache import weights_digest
+    from g3n_probe.dataset import weights_digest
 
     module = probe._module
     clone = copy.deepcopy(module)
@@ -216,7 +216,7 @@ def test_bad_arguments_fail_before_any_file_is_written(probe, tmp_path, texts, b
 
 
 def test_a_run_failing_before_its_first_shard_leaves_the_directory_as_found(probe, tmp_path, monkeypatch):
-    from g3n_probe import cache as cache_module
+    from g3n_probe import dataset as cache_module
 
     out = tmp_path / "acts"
     out.mkdir()
@@ -225,7 +225,7 @@ def test_a_run_failing_before_its_first_shard_leaves_the_directory_as_found(prob
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(cache_module, "cache", boom)
+    monkeypatch.setattr(cache_module, "collect", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         _run(probe, out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

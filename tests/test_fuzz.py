@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import g3n_probe as g3n
-from g3n_probe.loading import CheckpointError
+from g3n_probe.checkpoint import CheckpointError
 
 SEED, CASES = 1234, 80
 CLEAR = (CheckpointError, FileNotFoundError, ValueError, TypeError)

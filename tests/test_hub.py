@@ -17,9 +17,9 @@ import torch
 from hubserver import FakeHub
 
 import g3n_probe as g3n
-from g3n_probe import hub, synthetic
+from g3n_probe import hub, hub_http, synthetic
 from g3n_probe.cli import main as cli
-from g3n_probe.loading import CheckpointError, is_text_key, keys_read, read_config
+from g3n_probe.checkpoint import CheckpointError, is_text_key, keys_read, read_config
 
 REPO = "g3n-test/tiny-gemma-3n"
 IDS = torch.tensor([[2, 17, 5, 9, 11, 40, 3]])
@@ -139,9 +139,9 @@ def test_a_cut_connection_resumes_where_it_stopped_in_the_same_call(server, mixe
 
 
 def test_an_interrupted_fetch_is_never_loaded_and_the_next_call_resumes(server, mixed, monkeypatch):
-    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     ranged = "model-00001-of-00005.safetensors"
-    server.cuts[ranged] = [50_000] * 3 + [0] * hub._ATTEMPTS   # progress, then a dead connection
+    server.cuts[ranged] = [50_000] * 3 + [0] * hub_http.ATTEMPTS   # progress, then a dead connection
     with pytest.raises(hub.FetchError, match="run again to resume"):
         hub.fetch(REPO, progress=False)
     assert hub.cached_checkpoint(REPO) is None
@@ -289,7 +289,7 @@ def test_network_down_falls_back_to_the_cache_with_a_warning(server, monkeypatch
 
     hub.fetch(REPO, progress=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")   # nothing listens there
-    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     with pytest.warns(UserWarning, match="using the cached text-only checkpoint"):
         assert g3n.load(REPO).load_report.source == hub.cached_checkpoint(REPO)
 
@@ -298,7 +298,7 @@ def test_a_stalled_connection_times_out_and_resumes(server, monkeypatch, mixed):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
-    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     shard = "model-00002-of-00005.safetensors"   # text only: fetched whole
     server.stalls[shard] = [100_000]
     report = hub.fetch(REPO, progress=False)
@@ -308,7 +308,7 @@ def test_a_stalled_connection_times_out_and_resumes(server, monkeypatch, mixed):
 
 def test_busy_server_is_waited_for_as_it_asks(server, monkeypatch):
     waits = []
-    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     server.busy = 2
     hub.fetch(REPO, progress=False)
     assert waits == [1.0, 1.0], "Retry-After is honoured"

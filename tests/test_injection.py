@@ -318,43 +318,45 @@ def test_output_attentions_on_an_injected_eager_model(stock_eager_copy, ids):
     assert all(torch.equal(a, b) for a, b in zip(ours.attentions, theirs.attentions))
 
 
-def test_no_process_wide_state(stock_eager_copy, ids):
+def test_no_process_wide_state(stock_eager_copy, ids, tiny_dir):
     """A plain stock eager model next to an injected one calls the stock eager function, once per
-    layer, and never g3n_probe's; nothing module-global in transformers was replaced."""
+    layer, and never g3n_probe's attention route; nothing module-global in transformers was replaced,
+    and no config value changed. The injected model enters the route only while a trace watches it."""
+    from unittest import mock
+
+    from g3n_probe.points import attention
+
     injected_eager = copy.deepcopy(stock_eager_copy)
     g3n.inject(injected_eager)
     stock_function = modeling_gemma3n.eager_attention_forward
     assert stock_function.__module__ == modeling_gemma3n.__name__
     assert modeling_gemma3n.AutoModel.__module__.startswith("transformers.")
-    calls = {"stock": 0}
+    assert injected_eager.config.text_config._attn_implementation == "eager"
+    calls = {"stock": 0, "route": 0}
+    real_init = attention._PatternMode.__init__
 
     def counting(*args, **kwargs):
         calls["stock"] += 1
         return stock_function(*args, **kwargs)
 
-    from unittest import mock
+    def counting_route(self, point):
+        calls["route"] += 1
+        real_init(self, point)
 
-    from transformers import AttentionInterface
-
-    from g3n_probe._compat import PATTERN_ATTENTION
-
-    ours = {"calls": 0}
-    registered = AttentionInterface._global_mapping[PATTERN_ATTENTION]
-
-    def counting_ours(*args, **kwargs):
-        ours["calls"] += 1
-        return registered(*args, **kwargs)
-
+    layers = stock_eager_copy.config.text_config.num_hidden_layers
     with mock.patch.object(modeling_gemma3n, "eager_attention_forward", counting), \
-            mock.patch.dict(AttentionInterface._global_mapping, {PATTERN_ATTENTION: counting_ours}):
+            mock.patch.object(attention._PatternMode, "__init__", counting_route):
         with torch.no_grad():
             stock_forward(stock_eager_copy, ids)
-        assert ours["calls"] == 0 and calls["stock"] == stock_eager_copy.config.text_config.num_hidden_layers
+            stock_forward(injected_eager, ids)   # nobody watches: no route entered
+        assert calls == {"stock": 2 * layers, "route": 0}
+        probe = g3n.Gemma3nProbe(injected_eager)
+        with torch.no_grad(), probe.trace(ids):
+            probe.layers[0].attn_pattern.output.save()
+        assert calls == {"stock": 3 * layers, "route": layers}
         with torch.no_grad():
-            stock_forward(injected_eager, ids)
-        assert ours["calls"] == injected_eager.config.text_config.num_hidden_layers  # the injected one does
-    layers = stock_eager_copy.config.text_config.num_hidden_layers
-    assert calls["stock"] == 2 * layers  # once per layer for each model: ours calls the stock function too
+            stock_forward(stock_eager_copy, ids)
+        assert calls == {"stock": 4 * layers, "route": layers}
     assert stock_eager_copy.config.text_config._attn_implementation == "eager"
 
 
@@ -469,7 +471,7 @@ def test_an_interrupt_inside_a_trace_leaves_no_state(probe, stock, ids, interrup
             raise interrupt()
     injection = probe.injection
     assert all(point.pending is None for point in injection.points.values())
-    assert all(guard.expected is None for guard in injection.guards)
+    assert all(guard.expected is None for guard in injection.stateful)
     routes = [m.__dict__[k] for m in probe._module.modules() for k in ("predict", "correct", "compute_router_modalities")
               if k in m.__dict__]
     assert routes and all(route.running == 0 for route in routes)
@@ -514,7 +516,7 @@ def test_remove_on_an_eager_model_restores_its_attention(stock_eager_copy, ids):
     model = copy.deepcopy(stock_eager_copy)
     never = module_state(copy.deepcopy(stock_eager_copy))
     injection = g3n.inject(model)
-    assert model.config.text_config._attn_implementation != "eager"  # the registered, per-model name
+    assert model.config.text_config._attn_implementation == "eager"  # what the user chose, at every stage
     injection.remove()
     assert module_state(model) == never
     with torch.no_grad():

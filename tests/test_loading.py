@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import g3n_probe as g3n
-from g3n_probe.loading import CheckpointError, load_text_model
+from g3n_probe.checkpoint import CheckpointError
+from g3n_probe.loading import load_text_model
 from reference import stock_forward
 
 

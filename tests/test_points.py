@@ -194,10 +194,18 @@ def test_attn_pattern_under_sdpa_is_a_clear_error(probe, ids):
     assert torch.isfinite(logits).all()
 
 
-def test_every_table_row_is_reachable(probe):
-    for point in POINTS:
-        owner = probe.layers[0] if point.scope == "layer" else probe
-        assert getattr(owner, point.name) is not None
+def test_every_table_row_is_reachable(probe, ids):
+    """Every row's envoy exists on the probe and serves a tensor of the row's shape inside a trace."""
+    from g3n_probe.points import TABLE, concrete_shape
+
+    rows = [p for p in TABLE if probe.injection.unavailable(p) is None]
+    assert {p.name for p in TABLE} - {p.name for p in rows} == {"attn_pattern"}  # sdpa: says why instead
+    saved = {}
+    with probe.trace(ids):
+        for point in rows:
+            saved[point.name] = point.read(probe, 0 if point.scope == "layer" else None).save()
+    for point in rows:
+        assert tuple(saved[point.name].shape) == concrete_shape(point, probe.text_config, 1, ids.shape[1]), point.name
 
 
 def test_plain_torch_hooks_on_points_without_a_trace(probe, stock, ids):

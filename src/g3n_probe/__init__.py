@@ -9,15 +9,18 @@
 """
 
 from . import hub, matformer, patching, synthetic
+from .activations import ActivationCache
 from .audit import AuditReport, audit
-from .cache import ActivationCache, cache_dataset
-from .loading import CheckpointError, LoadReport, load
-from .points import POINTS, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
+from .checkpoint import CheckpointError
+from .dataset import cache_dataset
+from .loading import LoadReport, load
+from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
 from .probe import Gemma3nProbe
 from .towers import TowerNotLoadedError
 
 __all__ = [
     "POINTS",
+    "TABLE",
     "ActivationCache",
     "AuditReport",
     "audit",

@@ -1,36 +1,40 @@
-"""Every private touchpoint g3n_probe has in nnsight, torch and transformers, in one place.
+"""The seam: every private name of nnsight, torch and transformers that g3n_probe touches, behind a function.
 
-Each entry names what it relies on and the version it was checked against. When a pinned version
-moves (pyproject pins transformers 5.24.x and nnsight 0.8.x), this file is the list to re-check.
+Nothing else in the package uses an underscore name of those libraries. When a pinned version moves
+(pyproject pins transformers 5.24.x and nnsight 0.8.x), this file is the one to re-check; each entry
+names the version it was checked on.
 
 | library | touchpoint | checked on | used by |
 |---|---|---|---|
-| nnsight | ``nnsight.intervention.source.STATE``: a module's ``__dict__`` entry whose ``active()`` says whether a trace runs | 0.8.1 | `is_traced` (points skip work when nobody can see them) |
-| nnsight | ``Batcher._narrow_tensor`` / ``_widen_tensor`` / ``assemble_skip`` and ``SkipParts`` | 0.8.1 | `probe.StreamBatcher` (stream stacks batched on dim 1) |
-| nnsight | ``TransformersModel._call`` / ``_batch_size`` / ``_wrap`` / ``interleave``, ``generate.__wrapped__``, ``_batcher_class``, ``envoys=``, ``Envoy._add_envoy`` | 0.8.1 | `probe.Gemma3nProbe` |
-| nnsight | ``Envoy.trace(tracer_cls=...)`` and ``InterleavingTracer.execute`` (workers are registered on the model's one interleaver before it runs) | 0.8.1 | `probe.ExclusiveTracer` |
-| nnsight | ``eproperty`` with ``postprocess`` for a layer's ``inputs`` | 0.8.1 | `probe.LayerEnvoy` |
-| nnsight | ``self.pipeline`` is read only for ``.model``, ``.task`` and ``_sanitize_parameters`` on token-id input | 0.8.1 | `probe._ModelOnly` (a model without a tokenizer) |
-| nnsight | ``OutOfOrderError`` names a ``.grad`` location ``f"{id(tensor)}.grad"`` | 0.8.1 | `points.Injection.explain` |
-| nnsight | a module's ``__dict__["forward"]`` is nnsight's controller; hooks and method routes live elsewhere | 0.8.1 | `points` (never touches ``forward``) |
-| torch | ``torch._subclasses.fake_tensor.FakeTensor`` (nnsight's scan runs on fake tensors) | 2.13 | input validation |
-| torch | ``Tensor._version`` (detects an in-place write to attention probabilities) | 2.13 | `points` |
-| transformers | ``modeling_gemma3n.AutoModel`` is the name ``Gemma3nModel.__init__`` builds towers with | 5.24.0 | `towers.tower_stubs` |
-| transformers | ``modeling_gemma3n.eager_attention_forward`` / ``repeat_kv`` (called, never replaced) | 5.24.0 | `eager_with_pattern` |
-| transformers | ``AttentionInterface`` / ``AttentionMaskInterface`` ``.register`` and a config's ``_attn_implementation`` | 5.24.0 | the ``attn_pattern`` route |
+| nnsight | ``nnsight.intervention.source.STATE``: a module's ``__dict__`` entry whose ``active()`` says whether a trace runs | 0.8.1 | `is_traced` |
+| nnsight | ``Batcher._narrow_tensor`` / ``_widen_tensor`` / ``assemble_skip``, ``SkipParts``, a view's ``_nnsight_batch`` mark | 0.8.1 | `AxisBatcher` (stream stacks batched on dim 1) |
+| nnsight | ``TransformersModel._call`` / ``_batch_size`` / ``_wrap``, ``_batcher_class``, ``generate.__wrapped__`` | 0.8.1 | `ProbeModelBase` |
+| nnsight | ``Envoy._module``, ``Envoy._add_envoy``, the ``Envoy.input`` / ``.output`` descriptors | 0.8.1 | `module_of`, `add_envoy`, `base_envoy_value` |
+| nnsight | ``Envoy.trace(tracer_cls=...)``, ``InterleavingTracer.execute`` | 0.8.1 | `probe.ExclusiveTracer` |
+| nnsight | ``OutOfOrderError`` names a ``.grad`` location ``f"{id(tensor)}.grad"`` | 0.8.1 | `points.Injection.explain_out_of_order` |
+| nnsight | a module's ``__dict__`` entries it adds on wrapping (``forward``, ``__nnsight__`` state) | 0.8.1 | `unwrap_module` (probe release) |
+| torch | ``torch._subclasses.fake_tensor.FakeTensor`` (nnsight's scan runs on fake tensors) | 2.13 | `is_fake` |
+| torch | ``Module._forward_hooks`` / ``_forward_pre_hooks`` / ``_modules``, ``Tensor._version`` | 2.13 | `has_hooks`, `hook_functions`, `child_modules`, `tensor_version` |
+| transformers | ``modeling_gemma3n.AutoModel`` is the name ``Gemma3nModel.__init__`` builds towers with | 5.24.0 | `gemma3n_builds_submodels_with` |
+| transformers | ``modeling_gemma3n.eager_attention_forward`` forms P = softmax(QKᵀ) and returns ``matmul(P, V)`` | 5.24.0 | `points.attention` |
+| transformers | a config's ``_attn_implementation`` (read; set only on configs g3n_probe builds itself) | 5.24.0 | `attention_implementation`, `set_attention_implementation` |
 | transformers | ``from_pretrained(None, config=..., state_dict=...)`` with lazy safetensors slices | 5.24.0 | `loading` |
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
+from nnsight.intervention.batching import Batcher, SkipParts
+from nnsight.intervention.envoy import Envoy
 from nnsight.intervention.source import STATE
-from torch._subclasses.fake_tensor import FakeTensor  # noqa: F401  (re-exported for input validation)
+from nnsight.modeling.transformers import TransformersModel
+from torch._subclasses.fake_tensor import FakeTensor
 
-#: The attention implementation name under which eager attention serves ``attn_pattern``.
-PATTERN_ATTENTION = "g3n_probe_eager"
+# ---- nnsight ---------------------------------------------------------------------------------------
 
 
 def is_traced(module: torch.nn.Module) -> bool:
@@ -39,29 +43,183 @@ def is_traced(module: torch.nn.Module) -> bool:
     return state is not None and state.active()[0] is not None
 
 
+def module_of(envoy: Envoy) -> torch.nn.Module:
+    """The torch module an nnsight envoy stands for."""
+    return envoy._module
+
+
+def add_envoy(envoy: Envoy, name: str, module: torch.nn.Module) -> Envoy:
+    """Register ``module`` as child ``name`` of ``envoy``'s module and give it an envoy."""
+    return envoy._add_envoy(name, module)
+
+
+def base_envoy_value(envoy: Envoy, side: str) -> Any:
+    """nnsight's own ``envoy.input`` / ``envoy.output`` (for an envoy subclass that checks before it)."""
+    return getattr(Envoy, side).__get__(envoy)
+
+
+def set_base_envoy_value(envoy: Envoy, side: str, value: Any) -> None:
+    getattr(Envoy, side).__set__(envoy, value)
+
+
+#: What nnsight adds to a module's ``__dict__`` when it wraps it (its controller and its state).
+NNSIGHT_MODULE_ATTRIBUTES = ("forward", STATE)
+
+
+def unwrap_module(module: torch.nn.Module) -> None:
+    """Take off what nnsight put on ``module`` when it was wrapped (nothing if it was not)."""
+    for name in NNSIGHT_MODULE_ATTRIBUTES:
+        module.__dict__.pop(name, None)
+
+
+class AxisBatcher(Batcher):
+    """nnsight's batcher with the batch axis of each tensor asked of ``batch_dim`` (0 unless marked).
+
+    nnsight narrows and widens every served tensor on dimension 0, through private methods; this class
+    is the one place that overrides them. Subclasses provide ``batch_dim(tensor)`` and ``remark(tensor, dim)``.
+    """
+
+    def batch_dim(self, tensor: torch.Tensor) -> int:
+        return 0
+
+    def remark(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        return tensor
+
+    def _narrow_tensor(self, tensor: torch.Tensor, group: list) -> torch.Tensor:
+        dim = self.batch_dim(tensor)
+        if dim == 0:
+            return super()._narrow_tensor(tensor, group)
+        start, size = group
+        if tensor.dim() <= dim or tensor.shape[dim] != self.total:
+            return tensor
+        view = tensor.narrow(dim, start, size)
+        view._nnsight_batch = True
+        return self.remark(view, dim)
+
+    def _widen_tensor(self, full: torch.Tensor, group: list, edited: torch.Tensor) -> torch.Tensor:
+        dim = self.batch_dim(full)
+        if full.dim() <= dim or full.shape[dim] != self.total:
+            return edited
+        start, size = group
+        self.check_rows(full, dim, size, edited)
+        pre = full.narrow(dim, 0, start)
+        post = full.narrow(dim, start + size, self.total - start - size)
+        return self.remark(torch.cat([pre, edited, post], dim=dim), dim)
+
+    def check_rows(self, full: torch.Tensor, dim: int, size: int, edited: Any) -> None:
+        """Called before an invoke's rows are widened back; raise if ``edited`` does not fit."""
+
+    def assemble_skip(self, running: Any) -> Any:
+        if not isinstance(running, SkipParts):
+            return running
+        parts = sorted(running.parts, key=lambda part: part[0][0])
+        if sum(size for (_, size), _ in parts) != self.total:
+            return super().assemble_skip(running)  # raises nnsight's "skip in every invoke" error
+        first = parts[0][1]
+        if isinstance(first, torch.Tensor):
+            dim = self.batch_dim(first)
+            return self.remark(torch.cat([replacement for _, replacement in parts], dim=dim), dim)
+        return super().assemble_skip(running)
+
+
+class ProbeModelBase(TransformersModel):
+    """nnsight's ``TransformersModel`` with its private steps renamed to hooks a subclass overrides:
+    ``check_inputs`` (before the batch is sized), ``prepare_call`` (the forward's arguments),
+    ``wrap_without_tokenizer`` (nnsight insists on a tokenizer for its pipeline), ``batcher_class``."""
+
+    batcher_class: type = Batcher
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._batcher_class = cls.batcher_class
+
+    def check_inputs(self, inputs: tuple, kwargs: dict) -> None:
+        """Raise for inputs nnsight would otherwise fail on deep inside."""
+
+    def prepare_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return inputs, kwargs
+
+    def run_call(self, call: Callable[[], Any]) -> Any:
+        return call()
+
+    def wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        """Return the module to skip nnsight's pipeline (no tokenizer), or None to build it."""
+        return None
+
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        self.check_inputs(inputs, kwargs)
+        return super()._batch_size(*inputs, **kwargs)
+
+    def _wrap(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        bare = self.wrap_without_tokenizer(module)
+        return bare if bare is not None else super()._wrap(module, *args, **kwargs)
+
+    def _call(self, *inputs: Any, **kwargs: Any) -> Any:
+        inputs, kwargs = self.prepare_call(inputs, kwargs)
+        return self.run_call(lambda: super(ProbeModelBase, self)._call(*inputs, **kwargs))
+
+    def stock_generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        """nnsight's ``generate`` body, without its ``@traceable`` wrapper (the subclass's own carries it)."""
+        return TransformersModel.generate.__wrapped__(self, *inputs, **kwargs)
+
+
+# ---- torch -----------------------------------------------------------------------------------------
+
+
+def is_fake(tensor: torch.Tensor) -> bool:
+    """A fake (shape-only) tensor, as nnsight's scan runs on, or a meta tensor."""
+    return isinstance(tensor, FakeTensor) or tensor.is_meta
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether any torch forward hook or pre-hook is registered on ``module``."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def hook_functions(module: torch.nn.Module) -> list[Callable]:
+    """The forward hooks registered on ``module``, in order."""
+    return list(module._forward_hooks.values())
+
+
+def child_modules(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``module``'s registered children by name (the live dict: for membership tests)."""
+    return module._modules
+
+
+def remove_child(parent: torch.nn.Module, name: str) -> None:
+    parent._modules.pop(name, None)
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """A counter torch bumps on every in-place write to ``tensor``."""
+    return tensor._version
+
+
+# ---- transformers ----------------------------------------------------------------------------------
+
+_builder_lock = threading.RLock()
+
+
+@contextmanager
+def gemma3n_builds_submodels_with(builder: Any) -> Iterator[Any]:
+    """While active, ``modeling_gemma3n`` builds its sub-models (text model, towers) with ``builder``
+    instead of ``AutoModel``; yields the real ``AutoModel``. Restored on exit, under a lock."""
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    with _builder_lock:
+        real = modeling_gemma3n.AutoModel
+        modeling_gemma3n.AutoModel = builder
+        try:
+            yield real
+        finally:
+            modeling_gemma3n.AutoModel = real
+
+
 def stock_eager_attention() -> Callable:
+    """The eager attention function Gemma 3n's attention modules call (never replaced)."""
     from transformers.models.gemma3n import modeling_gemma3n
 
     return modeling_gemma3n.eager_attention_forward
-
-
-def repeat_kv(value: torch.Tensor, groups: int) -> torch.Tensor:
-    from transformers.models.gemma3n import modeling_gemma3n
-
-    return modeling_gemma3n.repeat_kv(value, groups)
-
-
-def register_attention(name: str, function: Callable) -> None:
-    """Add ``function`` to transformers' attention registry under a new name, with eager's masks.
-
-    Additive only: no existing entry (``eager``, ``sdpa``, …) and no module global is replaced, so
-    models that do not select ``name`` never call it.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def attention_implementation(config: Any) -> str | None:
@@ -69,5 +227,5 @@ def attention_implementation(config: Any) -> str | None:
 
 
 def set_attention_implementation(config: Any, name: str | None) -> None:
-    # The config's own setter (it recurses into sub-configs; a text config has none).
+    """Only for configs g3n_probe builds itself (synthetic models): a user's config is never changed."""
     config._attn_implementation = name

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from . import arch
+from .activations import encode_inputs
 
 EPSILON_SQUARED = 1e-5  # transformers' clamp on the mean square
 
@@ -99,7 +100,7 @@ def _mean_square(projected: torch.Tensor) -> torch.Tensor:
 
 def audit(model: Any, inputs: str | Sequence[str] | torch.Tensor | None = None) -> AuditReport:
     """Audit a loaded probe (and, with ``inputs``, those prompts) against the reference's arithmetic."""
-    module = model._module
+    module = model.hf_model
     text = module.config.get_text_config()
     report = AuditReport(clip=text.altup_coef_clip, coefficients_beyond_clip=coefficients_beyond_clip(module),
                          softcap=text.final_logit_softcapping)
@@ -126,8 +127,6 @@ def audit(model: Any, inputs: str | Sequence[str] | torch.Tensor | None = None) 
 
 
 def _ids(model: Any, prompt: Any) -> torch.Tensor:
-    from .cache import encode_inputs
-
     ids = encode_inputs(model, prompt)[0]
     if ids.numel() == 0:
         raise ValueError("an audit prompt has no tokens")

@@ -10,18 +10,32 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
+from transformers.utils import logging as hf_logging
 
 from . import arch
+from .audit import audit
+from .bench import run_bench
+from .checkpoint import COMPONENTS, read_config, stored_components
+from .demo import run_demo
+from .gpu_check import run_gpu_check
+from .hub import fetch
+from .loading import SUPPORTED_DEVICES, footprint, load, resolve_device, resolve_dtype, resolve_source
+from .points import listing
+from .towers import TowerNotLoadedError
 
-
+#: What the CLI reports as ``error: …`` with exit 2: the project's own errors about its input (bad
+#: checkpoints, files, arguments, hub answers). Anything else (a TypeError, a KeyError) is a bug and
+#: shows its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError,
+               TowerNotLoadedError, MemoryError)
 
 # ---- argument types: bad values are argparse errors (exit 2, "error: argument …"), never tracebacks ----
 
@@ -55,10 +69,6 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def _device(text: str) -> str:
-    import torch
-
-    from .loading import SUPPORTED_DEVICES
-
     try:
         device = torch.device(text)
     except (RuntimeError, TypeError):
@@ -81,45 +91,13 @@ def _writable_directory(path: Path) -> Path:
     return path
 
 
-def _make_console() -> Console:
-    # Wide tables stay readable in logs and notebooks, where there is no terminal width to fit.
+def make_console() -> Console:
+    """Wide tables stay readable in logs and notebooks, where there is no terminal width to fit."""
     return Console(width=None if sys.stdout.isatty() else 200)
-
-
-console = _make_console()
 
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 1024**3:.3f} GiB" if nbytes >= 1024**3 / 100 else f"{nbytes / 1024**2:.2f} MiB"
-
-
-def stored_components(directory: Path) -> dict[str, dict[str, Any]]:
-    """Parameters and bytes per component as stored, from the safetensors headers (no tensor data)."""
-    from ._util import SAFETENSORS_DTYPE_BYTES
-    from .loading import COMPONENTS, CheckpointError, component_of, open_safetensors, weight_map
-
-    mapping = weight_map(directory)
-    result = {c: {"params": 0, "bytes": 0, "absent": 0} for c in COMPONENTS}
-    by_file: dict[str, list[str]] = {}
-    for key, filename in mapping.items():
-        by_file.setdefault(filename, []).append(key)
-    for filename, keys in by_file.items():
-        path = directory / filename
-        if not path.exists():
-            for key in keys:
-                result[component_of(key)]["absent"] += 1
-            continue
-        with open_safetensors(path) as handle:
-            present = set(handle.keys())
-            for key in keys:
-                if key not in present:
-                    raise CheckpointError(f"{path} does not contain {key}, although the index says it does")
-                piece = handle.get_slice(key)
-                numel = math.prod(piece.get_shape())
-                entry = result[component_of(key)]
-                entry["params"] += numel
-                entry["bytes"] += numel * SAFETENSORS_DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return result
 
 
 def layer_rows(config: Any) -> list[dict[str, Any]]:
@@ -137,9 +115,7 @@ def layer_rows(config: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from .loading import read_config, resolve_source
-
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
     directory = resolve_source(args.source, **_hub_options(args), config_only=True)
     config = read_config(directory)
     text = config.get_text_config()
@@ -155,16 +131,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]:
         summary.add_row(label, str(value))
     console.print(summary)
+    _print_components(console, args, directory, config)
+    layers = Table(title="Layers")
+    for column in ("layer", "attention", "KV", "reads K/V of", "sparsity", "FFN width"):
+        layers.add_column(column)
+    for row in layer_rows(config):
+        layers.add_row(str(row["layer"]), row["attention"], row["kv"],
+                       "" if row["kv_source"] is None else str(row["kv_source"]),
+                       f"{row['sparsity']:.2f}" if row["sparsity"] else "dense", str(row["ffn"]))
+    console.print(layers)
+    return 0
 
-    from .loading import COMPONENTS, footprint
 
+def _print_components(console: Console, args: argparse.Namespace, directory: Path, config: Any) -> None:
+    """Stored against loaded, per component, and where each would live."""
     stored = stored_components(directory)
-    import torch
-
-    from .loading import _resolve_device, _resolve_dtype
-
-    device = torch.device(args.device) if args.device else _resolve_device(None)
-    dtype = _resolve_dtype(args.dtype, device)  # what g3n.load would pick for this device
+    device = torch.device(args.device) if args.device else resolve_device(None)
+    dtype = resolve_dtype(args.dtype, device)  # what g3n.load would pick for this device
     plan = footprint(config, device=device, dtype=dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     components = Table(title=f"Components (loaded = what g3n.load(device={device.type!r}) allocates, {dtype_name}, and where)")
@@ -183,33 +166,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     console.print(f"on the accelerator: {_gib(totals['accelerator'])}; on the host: {_gib(totals['host'])} "
                   "(parameters and buffers; activations and the KV cache come on top)")
 
-    layers = Table(title="Layers")
-    for column in ("layer", "attention", "KV", "reads K/V of", "sparsity", "FFN width"):
-        layers.add_column(column)
-    for row in layer_rows(config):
-        layers.add_row(str(row["layer"]), row["attention"], row["kv"],
-                       "" if row["kv_source"] is None else str(row["kv_source"]),
-                       f"{row['sparsity']:.2f}" if row["sparsity"] else "dense", str(row["ffn"]))
-    console.print(layers)
-    return 0
 
-
-def cmd_points(args: argparse.Namespace) -> int:
-    from .loading import read_config, resolve_source
-    from .points import POINTS, concrete_shape
-
+def cmd_points(args: argparse.Namespace, console: Console) -> int:
     config = (read_config(resolve_source(args.source, **_hub_options(args), config_only=True))
               if args.source or not args.symbolic else None)
     table = Table(title="Intervention points, all writable (inside one trace, access them in this order)")
     for column in ("where", "name", "shape", "value", "produced at"):
         table.add_column(column)
-    for point in POINTS:
-        where = "model.layers[i]" if point.scope == "layer" else "model"
-        shape = point.shape
-        if config is not None:
-            shape = f"{point.shape} = {list(concrete_shape(point, config, args.batch, args.tokens))}"
-        note = " (eager attention only)" if point.needs == "eager" else ""
-        table.add_row(where, point.name, shape, point.meaning + note, point.produced)
+    for row in listing(config, args.batch, args.tokens):
+        table.add_row(*row)
     console.print(table)
     if config is not None:
         rows = layer_rows(config)
@@ -219,19 +184,14 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     _writable_directory(out.parent if str(out.parent) else Path("."))
     run_demo(args.model, out=out, prompt=args.prompt, console=console, load_options=_hub_options(args))
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from . import load
-    from .audit import audit
-
+def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     model = load(args.source, **_hub_options(args))
     report = audit(model, args.prompt or None)
     table = Table(title=f"Faithfulness audit: {model.load_report.source}")
@@ -250,57 +210,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
-
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     preset = args.preset or ("e2b" if args.device.startswith("cuda") else "tiny")
     out = _writable_directory(Path(args.out))
     results = run_bench(preset, device=args.device, shapes=args.shapes or None, repeats=args.repeats,
                         leak_traces=args.leak_traces, out_dir=out, print_fn=console.print)
     if not args.check:
         return 0
-    return _gpu_check(args, preset, out, results)
-
-
-def _gpu_check(args: argparse.Namespace, preset: str, out: Path, results: dict) -> int:
-    """Every performance target in one run: writes the synthetic checkpoint, measures G5 on it and the
-    patching throughput (G6), evaluates G1–G6 on the run's figures, writes gpu_check_<device>_<preset>.{json,md},
-    and fails on a missed target."""
-    import json
-    import shutil
-    import tempfile
-
-    import torch
-
-    from .bench import check_markdown, check_targets, measure_load, measure_patching
-    from .probe import Gemma3nProbe
-    from .synthetic import build_tokenizer, random_model, save_checkpoint
-
-    scratch = Path(tempfile.mkdtemp(prefix="g3n_gpu_check_"))
-    try:
-        console.print(f"writing the synthetic {preset} checkpoint to {scratch} ...")
-        checkpoint = save_checkpoint(scratch / preset, preset)
-        results["load"] = measure_load(checkpoint, args.device)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    console.print("patching: sweep vs one trace per patch ...")
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    module = random_model(preset, device=args.device, dtype=dtype)
-    layers = module.config.get_text_config().num_hidden_layers
-    # Two layers × every position keeps the one-trace-per-patch side to a few hundred traces.
-    results["patching"] = measure_patching(Gemma3nProbe(module, tokenizer=build_tokenizer(module.config)),
-                                           tokens=128 if args.device.startswith("cuda") else 16,
-                                           chunk=64 if args.device.startswith("cuda") else 32,
-                                           layers=[layers // 3, 2 * layers // 3])
-    del module
-    rows = check_targets(results)
-    text = check_markdown(rows, results["device"])
-    console.print(text, markup=False)
-    stem = f"gpu_check_{args.device.split(':')[0]}_{preset}"
-    (out / f"{stem}.json").write_text(json.dumps({"results": results, "targets": rows}, indent=2, default=str))
-    (out / f"{stem}.md").write_text(text + "\n")
-    missed = [f"{r['target']} {r['what']}: {r['value']:.3f} {r['unit']} (must be {'≥' if r.get('at_least') else '≤'} "
-              f"{r['limit']:g})" for r in rows if r["ok"] is False]
+    missed = run_gpu_check(preset, args.device, out, results, print_fn=lambda text: console.print(text, markup=False))
     if missed:
         console.print("error: targets missed: " + "; ".join(missed), markup=False)
         return 1
@@ -311,9 +228,7 @@ def _hub_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"revision": args.revision, "cache_dir": args.cache_dir, "download": not args.offline}
 
 
-def cmd_fetch(args: argparse.Namespace) -> int:
-    from .hub import fetch
-
+def cmd_fetch(args: argparse.Namespace, console: Console) -> int:
     report = fetch(args.hub_id, args.revision, cache_dir=args.cache_dir)
     table = Table(title=f"{args.hub_id} text-only: {report.path}", show_header=False)
     share = report.bytes_text / report.bytes_snapshot if report.bytes_snapshot else 0.0
@@ -332,26 +247,22 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    parser = argparse.ArgumentParser(prog="g3n-probe", description="Gemma 3n interpretability, text-only, exact.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    # A hub id as SOURCE is fetched text-only on first use (see `g3n_probe.hub`).
+def _source_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Options shared by every command taking a SOURCE: a hub id is fetched text-only on first use."""
     hub = argparse.ArgumentParser(add_help=False)
     hub.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
     hub.add_argument("--cache-dir", default=None, help="where fetched text-only checkpoints live "
                                                        "(default: $G3N_PROBE_CACHE/hub, ~/.cache/g3n_probe/hub)")
     where = argparse.ArgumentParser(add_help=False, parents=[hub])
     where.add_argument("--offline", action="store_true", help="use only cached checkpoints; never touch the network")
+    return hub, where
 
-    fetch = sub.add_parser("fetch", parents=[hub], help="fetch a hub checkpoint text-only (only the bytes the text "
-                                                        "path reads) and compare with the full snapshot")
-    fetch.add_argument("hub_id", help="e.g. google/gemma-3n-E2B (gated: accept the license, then log in or set HF_TOKEN)")
-    fetch.set_defaults(func=cmd_fetch)
 
+def _add_inspection_commands(sub: Any, hub: argparse.ArgumentParser, where: argparse.ArgumentParser) -> None:
+    fetch_cmd = sub.add_parser("fetch", parents=[hub], help="fetch a hub checkpoint text-only (only the bytes the "
+                                                            "text path reads) and compare with the full snapshot")
+    fetch_cmd.add_argument("hub_id", help="e.g. google/gemma-3n-E2B (gated: accept the license, then log in or set HF_TOKEN)")
+    fetch_cmd.set_defaults(func=cmd_fetch)
     info = sub.add_parser("info", parents=[where], help="config, components (stored vs loaded) and layers of a checkpoint")
     info.add_argument("source", nargs="?", default=None, help="checkpoint directory or hub id (default: bundled)")
     info.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -359,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--device", default=None, choices=["cpu", "cuda"],
                       help="plan where every component would live (needs no GPU); default: what g3n.load picks")
     info.set_defaults(func=cmd_info)
-
     points = sub.add_parser("points", parents=[where], help="the intervention-point table, with concrete shapes")
     points.add_argument("source", nargs="?", default=None)
     points.add_argument("--batch", type=_positive_int, default=1)
@@ -367,17 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     points.add_argument("--symbolic", action="store_true", help="symbolic shapes only, no checkpoint")
     points.set_defaults(func=cmd_points)
 
+
+def _add_running_commands(sub: Any, where: argparse.ArgumentParser) -> None:
     demo = sub.add_parser("demo", parents=[where], help="trace a code prompt: logit lens through AltUp, PLE and AltUp ablations")
     demo.add_argument("--model", default=None, help="checkpoint directory or hub id (default: bundled)")
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--out", default="g3n_probe_demo.png", help="where to save the plot")
     demo.set_defaults(func=cmd_demo)
-
-    audit = sub.add_parser("audit", parents=[where], help="where transformers and Google's reference Gemma 3n compute differently")
-    audit.add_argument("source", nargs="?", default=None)
-    audit.add_argument("--prompt", action="append", default=[], help="inputs to check (repeatable)")
-    audit.set_defaults(func=cmd_audit)
-
+    audit_cmd = sub.add_parser("audit", parents=[where], help="where transformers and Google's reference Gemma 3n compute differently")
+    audit_cmd.add_argument("source", nargs="?", default=None)
+    audit_cmd.add_argument("--prompt", action="append", default=[], help="inputs to check (repeatable)")
+    audit_cmd.set_defaults(func=cmd_audit)
     bench = sub.add_parser("bench", help="memory and speed: stock vs g3n_probe, per-layer table on device vs host")
     bench.add_argument("--device", type=_device, default="cpu")
     bench.add_argument("--preset", default=None, choices=["tiny", "mid", "e2b", "e4b"],
@@ -391,12 +301,24 @@ def main(argv: list[str] | None = None) -> int:
                             "fail (exit 1) on any missed target (see `make gpu-check`)")
     bench.set_defaults(func=cmd_bench)
 
-    args = parser.parse_args(argv)
-    global console
-    console = _make_console()
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g3n-probe", description="Gemma 3n interpretability, text-only, exact.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    hub, where = _source_parsers()
+    _add_inspection_commands(sub, hub, where)
+    _add_running_commands(sub, where)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    args = build_parser().parse_args(argv)
+    console = make_console()
     try:
-        return args.func(args)
-    except (OSError, ValueError, TypeError, KeyError, MemoryError) as error:
+        return args.func(args, console)
+    except USER_ERRORS as error:
         # Bad input (a file, a checkpoint, an argument): the message names it; a traceback would not help.
         if os.environ.get("G3N_PROBE_DEBUG"):
             raise
@@ -406,4 +328,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .loading import load, resolve_source
+
 DEFAULT_PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n -"
 
 
@@ -26,16 +28,12 @@ def _token(tokenizer: Any, token_id: int) -> str:
 
 def run_demo(source: str | None, out: Path, prompt: str | None = None, console: Console | None = None,
              load_options: dict[str, Any] | None = None) -> dict:
-    import g3n_probe as g3n
-    from .loading import resolve_source
-
     console = console or Console()
     prompt = prompt or DEFAULT_PROMPT
-    results: dict[str, Any] = {}
     directory = resolve_source(source, **(load_options or {}))   # a first fetch shows its own byte progress
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("loading the checkpoint text-only", total=None)
-        model = g3n.load(directory)
+        model = load(directory)
         text = model.text_config
         layers = text.num_hidden_layers
         progress.update(task, description="tracing the prompt")
@@ -64,7 +62,19 @@ def run_demo(source: str | None, out: Path, prompt: str | None = None, console: 
         ablations[f"layer {altup_layer} AltUp correction removed"] = ablated[0, -1].softmax(-1)
         progress.update(task, description="done")
 
-    tokenizer = model.tokenizer
+    results = _print_tables(console, model.tokenizer, prompt, lens, final, top, ablations)
+    _plot(lens[:, top].tolist(), {k: float(v[top]) for k, v in ablations.items()}, float(final[top]),
+          _token(model.tokenizer, top), out)
+    console.print(f"plot saved to {out}")
+    results["lens"] = lens[:, top].tolist()
+    return results
+
+
+def _print_tables(console: Console, tokenizer: Any, prompt: str, lens: torch.Tensor, final: torch.Tensor, top: int,
+                  ablations: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The logit-lens table and the ablations' effects; returns each ablation's KL."""
+    results: dict[str, Any] = {}
+    layers = lens.shape[0]
     console.print(f"[bold]prompt[/bold] (last 40 chars): {prompt[-40:]!r}")
     table = Table(title="Logit lens through the AltUp merge: top next tokens per layer (last position)")
     table.add_column("layer")
@@ -87,15 +97,11 @@ def run_demo(source: str | None, out: Path, prompt: str | None = None, console: 
         results[label] = kl
     console.print(effects)
 
-    _plot(lens[:, top].tolist(), {k: float(v[top]) for k, v in ablations.items()}, float(final[top]),
-          _token(tokenizer, top), out)
-    console.print(f"plot saved to {out}")
-    results["lens"] = lens[:, top].tolist()
     return results
 
 
 def _plot(lens: list[float], ablations: dict[str, float], final: float, token: str, out: Path) -> None:
-    import matplotlib
+    import matplotlib   # lazy: a heavy import only the plot needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

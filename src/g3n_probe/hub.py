@@ -3,7 +3,7 @@
 A Gemma 3n repository holds the text model and two towers g3n_probe never runs. `fetch` asks the
 hub for the commit and its files (one request), takes ``config.json`` first (anything that is not
 Gemma 3n is refused before a weight byte moves), then reads the index to see which shards hold
-tensors the loader reads (`loading.keys_read`):
+tensors the loader reads (`checkpoint.keys_read`):
 
 * a shard holding none of them is never requested;
 * a shard holding only them is fetched whole;
@@ -31,42 +31,33 @@ import os
 import re
 import shutil
 import struct
-import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ._util import SAFETENSORS_DTYPE_BYTES, atomic_write
+from ._util import atomic_write
+from .checkpoint import (
+    FETCH_NOTE,
+    INDEX,
+    PICKLE_SUFFIXES,
+    SINGLE,
+    CheckpointError,
+    header_length,
+    keys_in,
+    keys_read,
+    parse_header,
+    read_config,
+)
+from .hub_http import FetchError, HubAccessError, HubClient, Transient, wait_or_give_up
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 RECORD = ".g3n_fetch.json"   # per snapshot: which remote file (LFS sha256) each local file was cut from
 _HEX_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 # The files a checkpoint directory needs besides its weights: config, generation settings, tokenizer.
 _SMALL_FILE = re.compile(r"^(config\.json|generation_config\.json|tokenizer[\w.\-]*|special_tokens_map\.json|"
                          r"added_tokens\.json|chat_template[\w.\-]*|README\.md|LICENSE[\w.\-]*)$")
-_ATTEMPTS = 5        # failures in a row, without a byte arriving, before a fetch gives up (resumable)
-_MAX_WAIT = 8.0      # seconds between attempts: 0.5, 1, 2, 4, 8, or what Retry-After asks (up to 60)
-
-
-class HubAccessError(PermissionError):
-    """The hub refused access (401/403): a gated or private repository, or a missing/invalid token."""
-
-
-class FetchError(ConnectionError):
-    """The fetch could not finish (network, or a server that does not honour byte ranges)."""
-
-
-class _Transient(Exception):
-    """Worth another attempt: a cut or stalled connection, a 5xx, a 429."""
-
-    def __init__(self, why: str, wait: float | None = None) -> None:
-        super().__init__(why)
-        self.wait = wait
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -161,147 +152,6 @@ def hf_cache_checkpoint(repo_id: str, revision: str | None = None) -> Path | Non
     return path if (path / SINGLE).exists() else None
 
 
-# --- requests ------------------------------------------------------------------------------------
-
-class _Hub:
-    """The few requests a fetch makes, through huggingface_hub, with its errors made plain."""
-
-    def __init__(self, repo_id: str, token: str | bool | None, endpoint: str | None) -> None:
-        from huggingface_hub import HfApi, constants
-
-        self.repo_id = repo_id
-        self.token = token
-        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-        self.api = HfApi(endpoint=self.endpoint, token=token)
-
-    def explain(self, error: Exception, what: str) -> Exception:
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HfHubHTTPError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        response = getattr(error, "response", None)
-        status = getattr(response, "status_code", None)
-        message = (getattr(response, "headers", None) or {}).get("X-Error-Message", "")
-        page = f"https://huggingface.co/{self.repo_id}"
-        login = "log in (`hf auth login`) or set HF_TOKEN (or pass token=)"
-        if isinstance(error, GatedRepoError):
-            return HubAccessError(
-                f"{self.repo_id} is gated and the hub refused {what} (HTTP {status}): accept the license at {page} "
-                f"with your account, then {login} with a token of that account.")
-        if message == "Invalid credentials in Authorization header":
-            return HubAccessError(f"{self.repo_id}: the hub rejected the token (HTTP {status}, invalid credentials); "
-                                  f"{login} with a valid token.")
-        if isinstance(error, RevisionNotFoundError):
-            return FileNotFoundError(f"{self.repo_id}: revision not found on the hub ({what})")
-        if isinstance(error, RepositoryNotFoundError):
-            return FileNotFoundError(
-                f"{self.repo_id!r} is neither a local directory nor a repository the hub shows you ({self.endpoint}): "
-                f"check the id (it is case-sensitive), or if it is private or gated, {login}.")
-        if status in (401, 403):
-            return HubAccessError(f"{self.repo_id}: the hub refused {what} (HTTP {status}); if it is gated, accept "
-                                  f"the license at {page}, then {login}.")
-        if isinstance(error, OfflineModeIsEnabled):
-            return FetchError(f"{self.repo_id}: not fetched because offline mode is on (HF_HUB_OFFLINE)")
-        if isinstance(error, HfHubHTTPError):
-            return FetchError(f"{self.repo_id}: the hub answered {what} with HTTP {status}: {error}")
-        return FetchError(f"{self.repo_id}: cannot reach {self.endpoint} for {what}: {type(error).__name__}: {error}. "
-                          "Check the network, or load with download=False (`--offline` on the command line) to use only what "
-                          "is cached")
-
-    def info(self, revision: str | None) -> tuple[str, dict[str, int], dict[str, str]]:
-        """The commit ``revision`` names, and each file's size and (where the hub gives one) LFS sha256."""
-        from huggingface_hub import constants
-
-        try:
-            info = self.api.model_info(self.repo_id, revision=revision, files_metadata=True,
-                                       timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-        except Exception as error:  # noqa: BLE001 - made plain by explain()
-            raise self.explain(error, f"revision {revision or 'main'}") from None
-        if not isinstance(info.sha, str) or not _HEX_COMMIT.match(info.sha):
-            raise FetchError(f"{self.repo_id}: the hub answered with commit {info.sha!r}, not a 40-digit hex id")
-        siblings = info.siblings or []
-        sizes = {s.rfilename: (s.size or 0) for s in siblings}
-        hashes = {s.rfilename: s.lfs.sha256 for s in siblings if getattr(s, "lfs", None) is not None}
-        return info.sha, sizes, hashes
-
-    def url(self, commit: str, filename: str) -> str:
-        # The hub's file URL (as `huggingface_hub.hf_hub_url` builds it, but on this endpoint).
-        return f"{self.endpoint}/{self.repo_id}/resolve/{quote(commit, safe='')}/{quote(filename)}"
-
-    def stream(self, commit: str, filename: str, start: int, end: int) -> Iterator[bytes]:
-        """The bytes ``[start, end)`` of ``filename`` as they arrive; `_Transient` when worth another attempt."""
-        from huggingface_hub import constants
-        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
-
-        headers = build_hf_headers(token=self.token)
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        # Compressed answers ignore ranges (CloudFront) or change the byte count: ask for the bytes as stored.
-        headers["Accept-Encoding"] = "identity"
-        try:
-            # No retries inside: a cut mid-body must reach the caller, which resumes from the bytes that arrived.
-            with http_stream_backoff("GET", self.url(commit, filename), headers=headers, max_retries=0,
-                                     retry_on_status_codes=(), timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
-                if response.status_code == 429 or response.status_code >= 500:
-                    after = response.headers.get("Retry-After", "")
-                    raise _Transient(f"HTTP {response.status_code}", float(after) if after.isdigit() else None)
-                hf_raise_for_status(response)
-                self._check_answer(response, filename, start, end)
-                yield from response.iter_bytes()   # as it arrives: a cut keeps every byte received
-        except (FetchError, HubAccessError, _Transient):
-            raise
-        except Exception as error:
-            from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-            if isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
-                raise self.explain(error, filename) from None
-            if type(error).__module__.startswith(("httpx", "httpcore")) or isinstance(error, OSError):
-                raise _Transient(f"{type(error).__name__}: {error}") from error   # cut, reset, timeout
-            raise
-
-    def _check_answer(self, response: Any, filename: str, start: int, end: int) -> None:
-        """A 206 for exactly the bytes asked for, or a 200 for a whole file asked from its start."""
-        status = response.status_code
-        encoding = response.headers.get("Content-Encoding", "identity")
-        if encoding not in ("identity", ""):
-            raise FetchError(f"{self.repo_id}/{filename}: the server sent {encoding}-encoded bytes despite "
-                             "Accept-Encoding: identity; offsets would not match")
-        if status == 206:
-            served = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-            if served is None or int(served.group(1)) != start:
-                raise FetchError(f"{self.repo_id}/{filename}: asked for bytes from {start}, the server answered "
-                                 f"Content-Range {response.headers.get('Content-Range')!r}")
-        elif not (status == 200 and start == 0 and response.headers.get("Content-Length") == str(end)):
-            raise FetchError(f"{self.repo_id}/{filename}: the server answered a byte-range request with HTTP "
-                             f"{status}, not 206; it does not serve partial files")
-
-    def read(self, commit: str, filename: str, start: int, end: int) -> bytes:
-        """A small piece, whole (asked again after a transient failure)."""
-        failures = 0
-        while True:
-            try:
-                data = b"".join(self.stream(commit, filename, start, end))
-            except _Transient as error:
-                failures = _wait_or_give_up(self, filename, failures, error, "check the network and run again")
-                continue
-            if len(data) != end - start:
-                raise FetchError(f"{self.repo_id}/{filename}: asked for {end - start} bytes at {start}, got {len(data)}")
-            return data
-
-
-def _wait_or_give_up(hub: _Hub, filename: str, failures: int, error: _Transient, advice: str) -> int:
-    """One more failure in a row: wait (exponential, or as the server asks), or raise `FetchError`."""
-    failures += 1
-    if failures >= _ATTEMPTS:
-        raise FetchError(f"{hub.repo_id}/{filename}: the connection failed {failures} times in a row ({error}); "
-                         f"{advice}") from None
-    time.sleep(min(error.wait, 60.0) if error.wait is not None else min(0.5 * 2 ** (failures - 1), _MAX_WAIT))
-    return failures
-
-
 # --- what to fetch -------------------------------------------------------------------------------
 
 @dataclass
@@ -322,7 +172,7 @@ class _FilePlan:
         return len(self.prefix) + sum(end - start for start, end in self.pieces)
 
 
-def _identity(remote_sha256: str | None, keys: set[str]) -> dict[str, Any]:
+def _shard_identity(remote_sha256: str | None, keys: set[str]) -> dict[str, Any]:
     """The remote file (its LFS hash) and the tensors taken from it: all a local file depends on."""
     return {"remote_sha256": remote_sha256, "keys": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()}
 
@@ -341,75 +191,41 @@ def _earlier(repo: Path) -> dict[str, list[tuple[dict, Path]]]:
     return found
 
 
-def _remote_header(hub: _Hub, commit: str, filename: str, size: int) -> tuple[dict, int]:
-    """A remote safetensors file's header and where its data starts: two small ranged reads."""
-    from .loading import CheckpointError
-
-    if size < 8:
-        raise CheckpointError(f"{hub.repo_id}/{filename} is {size} bytes: not a safetensors file")
-    (length,) = struct.unpack("<Q", hub.read(commit, filename, 0, 8))
-    if not 2 <= length <= min(size - 8, 100 * 1024**2):
-        raise CheckpointError(f"{hub.repo_id}/{filename}: header length {length} does not fit a {size}-byte file")
-    try:
-        header = json.loads(hub.read(commit, filename, 8, 8 + length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{hub.repo_id}/{filename}: the safetensors header is not JSON: {error}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{hub.repo_id}/{filename}: the safetensors header is not a JSON object")
-    return header, 8 + length
+def _remote_header(hub: HubClient, commit: str, filename: str, size: int) -> dict[str, Any]:
+    """A remote safetensors file's header entries (`checkpoint.parse_header`): two small ranged reads."""
+    where = f"{hub.repo_id}/{filename}"
+    length = header_length(hub.read(commit, filename, 0, 8) if size >= 8 else b"", size, where)
+    return parse_header(hub.read(commit, filename, 8, 8 + length), size, where)
 
 
-def _entry_bytes(hub: _Hub, filename: str, size: int, data_start: int, key: str, entry: Any) -> tuple[int, int]:
-    """A header entry's data range, checked against its dtype and shape and the file's size."""
-    from .loading import CheckpointError
-
-    try:
-        start, end = (int(x) for x in entry["data_offsets"])
-        count = 1
-        for dim in entry["shape"]:
-            count *= int(dim)
-        itemsize = SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{hub.repo_id}/{filename}: the header's entry for {key} is malformed: {entry!r}") from None
-    if not 0 <= start <= end or end - start != count * itemsize or data_start + end > size:
-        raise CheckpointError(f"{hub.repo_id}/{filename}: the header's entry for {key} does not match its bytes "
-                              f"({entry['dtype']} {entry['shape']}, offsets {start}..{end}, file {size} bytes)")
-    return start, end
-
-
-def _ranged_plan(hub: _Hub, filename: str, size: int, header: dict, data_start: int, keys: set[str]) -> _FilePlan:
+def _ranged_plan(hub: HubClient, filename: str, header: dict[str, Any], keys: set[str]) -> _FilePlan:
     """A safetensors file holding only ``keys``: a new header, then their bytes as remote ranges."""
-    from .loading import CheckpointError
-
     if missing := sorted(keys - set(header)):
         raise CheckpointError(f"{hub.repo_id}/{filename} does not contain {missing[0]}, although the index says it does")
-    spans = {key: _entry_bytes(hub, filename, size, data_start, key, header[key]) for key in keys}
     out: dict[str, Any] = {"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}
     pieces: list[tuple[int, int]] = []
     offset = 0
-    for key in sorted(keys, key=lambda k: spans[k]):
-        start, end = spans[key]
-        out[key] = {"dtype": header[key]["dtype"], "shape": header[key]["shape"],
-                    "data_offsets": [offset, offset + end - start]}
+    for key in sorted(keys, key=lambda k: header[k][2]):
+        dtype, shape, start, end = header[key]
+        out[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - start]}
         offset += end - start
-        if pieces and pieces[-1][1] == data_start + start:
-            pieces[-1] = (pieces[-1][0], data_start + end)   # adjacent: one request
+        if pieces and pieces[-1][1] == start:
+            pieces[-1] = (pieces[-1][0], end)   # adjacent: one request
         else:
-            pieces.append((data_start + start, data_start + end))
+            pieces.append((start, end))
     text = json.dumps(out, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)   # safetensors pads its header to 8 bytes
     return _FilePlan(filename, pieces, struct.pack("<Q", len(text)) + text)
 
 
-def _plan(hub: _Hub, commit: str, sizes: dict[str, int], hashes: dict[str, str], config: Any, index: dict | None,
+def _plan(hub: HubClient, commit: str, sizes: dict[str, int], hashes: dict[str, str], config: Any, index: dict | None,
           earlier: dict[str, list[tuple[dict, Path]]]) -> tuple[list[_FilePlan], list[str]]:
     """The weight files to fetch (whole or ranged) or reuse, and the shards never touched."""
-    from .loading import CheckpointError, keys_read
 
-    headers: dict[str, tuple[dict, int]] = {}
+    headers: dict[str, dict[str, Any]] = {}
     if index is None:
         headers[SINGLE] = _remote_header(hub, commit, SINGLE, sizes[SINGLE])
-        mapping = {key: SINGLE for key in headers[SINGLE][0] if key != "__metadata__"}
+        mapping = {key: SINGLE for key in headers[SINGLE] if key != "__metadata__"}
     else:
         mapping = index["weight_map"]
     read = set(keys_read(mapping, config)[0])
@@ -425,7 +241,7 @@ def _plan(hub: _Hub, commit: str, sizes: dict[str, int], hashes: dict[str, str],
         if filename not in sizes:
             raise CheckpointError(f"{hub.repo_id}: the index names {filename}, which the repository does not hold")
         wanted = held[filename] & read
-        identity = _identity(hashes.get(filename), wanted)
+        identity = _shard_identity(hashes.get(filename), wanted)
         same = [path for seen, path in earlier.get(filename, ()) if seen == identity and identity["remote_sha256"]]
         if not wanted:
             skipped.append(filename)
@@ -436,16 +252,15 @@ def _plan(hub: _Hub, commit: str, sizes: dict[str, int], hashes: dict[str, str],
         else:
             if filename not in headers:
                 headers[filename] = _remote_header(hub, commit, filename, sizes[filename])
-            plans.append(_ranged_plan(hub, filename, sizes[filename], *headers[filename], wanted))
+            plans.append(_ranged_plan(hub, filename, headers[filename], wanted))
             plans[-1].identity = identity
     return plans, skipped
 
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _fill(hub: _Hub, commit: str, plan: _FilePlan, directory: Path, progress: Any) -> int:
+def _fill(hub: HubClient, commit: str, plan: _FilePlan, directory: Path, progress: Any) -> int:
     """Make ``directory/plan.name`` complete, resuming ``.incomplete``; returns the bytes fetched."""
-    from .loading import CheckpointError
 
     target = directory / plan.name
     if target.exists() and target.stat().st_size == plan.size:
@@ -475,10 +290,10 @@ def _fill(hub: _Hub, commit: str, plan: _FilePlan, directory: Path, progress: An
                         if progress is not None:
                             progress.update(len(chunk))
                     if arrived < length - done:
-                        raise _Transient(f"the answer ended after {arrived} of {length - done} bytes")
-                except _Transient as error:  # a cut connection: resume from what arrived
+                        raise Transient(f"the answer ended after {arrived} of {length - done} bytes")
+                except Transient as error:  # a cut connection: resume from what arrived
                     out.flush()
-                    failures = _wait_or_give_up(hub, plan.name, 0 if arrived else failures, error,
+                    failures = wait_or_give_up(hub, plan.name, 0 if arrived else failures, error,
                                                 f"run again to resume from {out.tell()} of {plan.size} bytes")
                 finally:
                     out.flush()
@@ -487,7 +302,7 @@ def _fill(hub: _Hub, commit: str, plan: _FilePlan, directory: Path, progress: An
     if partial.stat().st_size != plan.size:
         raise FetchError(f"{hub.repo_id}/{plan.name}: {partial.stat().st_size} bytes on disk, expected {plan.size}")
     try:
-        _keys_in(partial)   # safetensors checks on open that each tensor's bytes match its header entry
+        keys_in(partial)   # safetensors checks on open that each tensor's bytes match its header entry
     except CheckpointError as error:
         partial.unlink()   # complete yet invalid: the next call fetches it afresh
         raise CheckpointError(f"{hub.repo_id}/{plan.name} arrived complete but is not a valid safetensors file "
@@ -496,14 +311,7 @@ def _fill(hub: _Hub, commit: str, plan: _FilePlan, directory: Path, progress: An
     return fetched
 
 
-def _keys_in(path: Path) -> set[str]:
-    from .loading import open_safetensors
-
-    with open_safetensors(path) as handle:
-        return set(handle.keys())
-
-
-def _fetch_small(hub: _Hub, commit: str, name: str, size: int, directory: Path, progress: Any) -> int:
+def _fetch_small(hub: HubClient, commit: str, name: str, size: int, directory: Path, progress: Any) -> int:
     target = directory / name
     if target.exists() and target.stat().st_size == size:
         return 0
@@ -542,10 +350,9 @@ def fetch(
     """
     from filelock import FileLock
 
-    from .loading import CheckpointError
 
     _check_names(repo_id, revision)
-    hub = _Hub(repo_id, token, endpoint)
+    hub = HubClient(repo_id, token, endpoint)
     commit, sizes, hashes = hub.info(revision)
     root = cache_root(cache_dir)
     repo = _repo_dir(root, repo_id)
@@ -572,9 +379,8 @@ def fetch(
     return report
 
 
-def _fetch_into(hub: _Hub, commit: str, sizes: dict[str, int], hashes: dict[str, str], repo: Path,
+def _fetch_into(hub: HubClient, commit: str, sizes: dict[str, int], hashes: dict[str, str], repo: Path,
                 directory: Path, report: FetchReport, progress: bool) -> None:
-    from .loading import PICKLE_SUFFIXES, CheckpointError, read_config
 
     if "config.json" not in sizes:
         raise CheckpointError(f"{hub.repo_id} has no config.json at {commit[:12]}: not a Hugging Face model repository")
@@ -624,11 +430,11 @@ def _fetch_into(hub: _Hub, commit: str, sizes: dict[str, int], hashes: dict[str,
     atomic_write(directory / RECORD, lambda tmp: Path(tmp).write_text(
         json.dumps({p.name: p.identity for p in plans}, indent=1)))
     if index is not None:
-        present = {p.name: _keys_in(directory / p.name) for p in plans}
+        present = {p.name: keys_in(directory / p.name) for p in plans}
         kept = {key: f for key, f in index["weight_map"].items() if key in present.get(f, ())}
         metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
         metadata = {k: v for k, v in metadata.items() if k != "total_size"}
-        metadata["g3n_probe"] = (f"text-only fetch of {hub.repo_id}@{commit}: the towers' tensors and the KV-shared "
+        metadata[FETCH_NOTE] = (f"text-only fetch of {hub.repo_id}@{commit}: the towers' tensors and the KV-shared "
                                  "layers' k/v were not fetched")
         atomic_write(directory / INDEX, lambda tmp: Path(tmp).write_text(
             json.dumps({"metadata": metadata, "weight_map": kept}, indent=2)))
@@ -642,20 +448,12 @@ def _bytes_on_disk(directory: Path, plan: _FilePlan) -> int:
     return min(partial.stat().st_size, plan.size) if partial.exists() else 0
 
 
-def fetched_text_only(directory: Path) -> str | None:
-    """If ``directory`` is a text-only fetch, what it says it left out; else None."""
-    try:
-        return json.loads((directory / INDEX).read_text())["metadata"]["g3n_probe"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def fetch_config(repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
                  token: str | bool | None = None, endpoint: str | None = None) -> Path:
     """A directory with just ``config.json`` (and the index) of ``repo_id``: enough to plan, print the
     point table or the layers, without fetching weights. ``<root>/models--…/configs/<commit>/``."""
     _check_names(repo_id, revision)
-    hub = _Hub(repo_id, token, endpoint)
+    hub = HubClient(repo_id, token, endpoint)
     commit, sizes, _ = hub.info(revision)
     directory = _repo_dir(cache_root(cache_dir), repo_id) / "configs" / commit
     directory.mkdir(parents=True, exist_ok=True)
@@ -665,7 +463,7 @@ def fetch_config(repo_id: str, revision: str | None = None, *, cache_dir: str | 
     return directory
 
 
-def resolve(
+def locate(
     repo_id: str,
     *,
     revision: str | None = None,

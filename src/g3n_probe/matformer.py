@@ -21,6 +21,10 @@ from typing import Any, Sequence
 import torch
 
 from . import arch
+from .checkpoint import component_of
+from .ple import host_resident, is_host_resident
+from .probe import Gemma3nProbe
+from .towers import build_text_only
 
 PRESETS = {"e2b": {"layers_to_skip": list(range(20, 25)), "ffn_width": 8192, "parent_layers": 35}}
 
@@ -36,8 +40,7 @@ def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths:
     kept = [i for i in range(n) if i not in skip]
     if not kept:
         raise ValueError("a sub-model needs at least one layer")
-    modes = text.kv_sharing_modes
-    stores = [i for i in skip if modes[i] == "store"]
+    stores = [i for i in skip if arch.is_kv_store(text, i)]
     if stores:
         readers = {s: arch.kv_readers(text, s) for s in stores}
         raise ValueError(f"layers {stores} are KV 'store' layers (read by {readers}); a sub-model cannot skip them")
@@ -59,7 +62,7 @@ def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths:
     sub_text.layer_types = [text.layer_types[i] for i in kept]
     sub_text.intermediate_size = widths
     sub_text.activation_sparsity_pattern = [text.activation_sparsity_pattern[i] for i in kept]
-    sub_text.num_kv_shared_layers = sum(1 for i in kept if modes[i] == "reuse")
+    sub_text.num_kv_shared_layers = len(set(arch.kv_sources(text)) & set(kept))
     position = {parent: child for child, parent in enumerate(kept)}
     parent_sources = arch.kv_sources(text)
     for child, source in arch.kv_sources(sub_text).items():
@@ -107,11 +110,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
     ``preset="e2b"`` is the official E2B-inside-E4B configuration (layers 20–24 skipped, every
     FFN 8192) and needs an E4B-shaped parent.
     """
-    from ._util import build_text_only
-    from .ple import host_resident, is_host_resident
-    from .probe import Gemma3nProbe
-
-    parent = model._module
+    parent = model.hf_model
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown MatFormer preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -120,7 +119,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
             raise ValueError(f"preset {preset!r} needs an E4B-shaped parent with {spec['parent_layers']} layers")
         layers_to_skip, ffn_widths = spec["layers_to_skip"], spec["ffn_width"]
     config, kept = submodel_config(parent.config, layers_to_skip, ffn_widths)
-    state = {k: v for k, v in parent.state_dict().items() if k != "lm_head.weight" and not k.startswith(("model.vision_tower", "model.audio_tower"))}
+    state = {k: v for k, v in parent.state_dict().items() if k != "lm_head.weight" and component_of(k) not in ("vision tower", "audio tower")}
     state = sliced_state_dict(state, parent.config, kept, config.get_text_config().intermediate_size)
     device = arch.text_model(parent).embed_tokens.weight.device
     table = arch.per_layer_table(parent)
@@ -149,7 +148,7 @@ def save(sub: Any, path: str | os.PathLike) -> Path:
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    module = sub._module
+    module = sub.hf_model
     module.config.save_pretrained(out)
     if sub.tokenizer is not None:
         sub.tokenizer.save_pretrained(out)

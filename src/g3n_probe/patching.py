@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import arch
-from .points import LAYER, POINTS, Point
+from .activations import encode_inputs
+from .points import LAYER, POINTS, Point, execution_rank
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,7 +57,7 @@ class PatchingResult:
 
     def plot(self, normalized: bool = True, ax: Any = None) -> Any:
         """One heatmap per point (layers × positions); returns the matplotlib figure."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt   # lazy: a heavy import only the plot needs
 
         data = self.normalized() if normalized else self.values
         if ax is None:
@@ -80,19 +81,7 @@ class PatchingResult:
         return fig
 
 
-def _token_axis(point: Point) -> int:
-    """The position axis of a point's value (the query axis for attention patterns)."""
-    axes = point.shape.strip("[]").split(",")
-    return axes.index("T")
-
-
-def _batch_axis(point: Point) -> int:
-    return 1 if point.stack else 0
-
-
 def _encode(model: Any, prompt: Any) -> torch.Tensor:
-    from .cache import encode_inputs
-
     ids, mask = encode_inputs(model, prompt)
     if ids.shape[0] != 1:
         raise ValueError(f"a sweep compares two single prompts; got a batch of {ids.shape[0]}")
@@ -122,8 +111,7 @@ def _prepare(model: Any, clean: Any, corrupted: Any, points: Sequence[str], laye
     bad = [layer for layer in layers if not 0 <= layer < count]
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has {count} layers")
-    order = [p.name for p in POINTS]
-    names = sorted(points, key=order.index)
+    names = sorted(points, key=lambda name: execution_rank(by_name[name], 0))
     source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
     return names, by_name, layers, source_ids, target_ids
 
@@ -225,11 +213,10 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[in
     if prefix is not None and (missing := prefix_needs(model, variants) - set(prefix)):
         raise ValueError(f"prefix lacks the target's output of layer(s) {sorted(missing)}")
     template = next(iter(prefix.values())) if skipped else None
-    order = [p.name for p in POINTS]
     plan: dict[tuple[int, str], list[tuple[int, int]]] = {}
     for row, (layer, name, position) in enumerate(variants):
         plan.setdefault((layer, name), []).append((row, position))
-    steps = sorted(plan, key=lambda key: (key[0], order.index(key[1])))
+    steps = sorted(plan, key=lambda key: (key[0], execution_rank(by_name[key[1]], key[0])))
     with torch.no_grad(), model.trace(batch, logits_to_keep=logits_to_keep):
         for layer in skipped:
             if layer in prefix:   # stream stacks [S, B, T, D]: the target's row, once per variant
@@ -247,11 +234,11 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[in
                      for p in (position if isinstance(position, (tuple, list)) else (position,))]
             tokens = torch.tensor([p for _, p in pairs])
             index: list[Any] = [slice(None)] * patch.dim()
-            index[_batch_axis(point)] = torch.zeros_like(tokens)
-            index[_token_axis(point)] = tokens
+            index[point.batch_axis] = torch.zeros_like(tokens)
+            index[point.axis("T")] = tokens
             rows = patch[tuple(index)].to(value.device)   # only the rows written cross to the device
-            index[_batch_axis(point)] = torch.tensor([row for row, _ in pairs], device=value.device)
-            index[_token_axis(point)] = tokens.to(value.device)
+            index[point.batch_axis] = torch.tensor([row for row, _ in pairs], device=value.device)
+            index[point.axis("T")] = tokens.to(value.device)
             value[tuple(index)] = rows
         logits = model.logits.output.save()
     return metric(logits).detach().float().cpu()
@@ -286,10 +273,10 @@ def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: 
     for (layer, name), grad in grads.items():
         point = by_name[name]
         delta = source[f"layers.{layer}.{name}"].to(grad.device, torch.float32) - values[(layer, name)].detach().float()
-        product = (delta * grad.float()).select(_batch_axis(point), 0)
-        token_axis = _token_axis(point) - (1 if _token_axis(point) > _batch_axis(point) else 0)
+        product = (delta * grad.float()).select(point.batch_axis, 0)
+        token_axis = point.axis("T") - (1 if point.axis("T") > point.batch_axis else 0)
         result[name][layers.index(layer)] = product.movedim(token_axis, 0).reshape(tokens, -1).sum(-1).cpu()
-    model._module.zero_grad(set_to_none=True)
+    model.hf_model.zero_grad(set_to_none=True)
     labels = [model.tokenizer.decode([int(t)]) for t in target_ids[0]] if model.tokenizer is not None else []
     return PatchingResult(points=names, layers=layers, positions=list(range(tokens)), values=result,
                           baseline=float(baseline), source=float(reference), direction=direction, forwards=2,

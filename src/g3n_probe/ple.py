@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import arch
+from ._compat import hook_functions
 from ._util import parse_device
 
 
@@ -49,7 +50,7 @@ def host_resident(table: nn.Module, compute_device: torch.device) -> list:
 def is_host_resident(table: nn.Module) -> bool:
     """Whether ``table`` is served by `host_resident`'s hooks."""
     return any(isinstance(hook, functools.partial) and hook.func is _rows_to_device
-               for hook in table._forward_hooks.values())
+               for hook in hook_functions(table))
 
 
 def _ids_to_table(table: nn.Module, args: tuple) -> tuple:

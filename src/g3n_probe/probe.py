@@ -16,96 +16,59 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from nnsight.intervention.batching import Batcher, SkipParts
 from nnsight.intervention.envoy import Envoy, traceable
 from nnsight.intervention.eproperty import eproperty
 from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.tracer import InterleavingTracer
-from nnsight.modeling.transformers import TransformersModel
+from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
 from . import arch
-from ._compat import FakeTensor
-from .points import POINTS, HookPoint, Injection, PointWriteError, batch_dim, inject, mark_stack, rekeep_arguments
-
-
-class StreamBatcher(Batcher):
-    """nnsight's batcher, narrowing and widening stream stacks on their batch axis (dimension 1).
-
-    nnsight slices every served tensor on dimension 0. For an [S,B,T,D] stack that is the stream
-    axis: with two invokes a stack would come back unscoped, and with four (B == S) each invoke would
-    silently get one *stream* of everyone's rows. Stacks are marked by the points (`mark_stack`).
-    """
-
-    def _narrow_tensor(self, tensor: torch.Tensor, group: list) -> torch.Tensor:
-        dim = batch_dim(tensor)
-        if dim == 0:
-            return super()._narrow_tensor(tensor, group)
-        start, size = group
-        if tensor.dim() <= dim or tensor.shape[dim] != self.total:
-            return tensor
-        view = tensor.narrow(dim, start, size)
-        view._nnsight_batch = True
-        return mark_stack(view)
-
-    def _widen_tensor(self, full: torch.Tensor, group: list, edited: torch.Tensor) -> torch.Tensor:
-        dim = batch_dim(full)
-        if full.dim() <= dim or full.shape[dim] != self.total:
-            return edited
-        start, size = group
-        expected = list(full.shape)
-        expected[dim] = size
-        if not isinstance(edited, torch.Tensor) or list(edited.shape) != expected:
-            got = tuple(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__
-            raise PointWriteError(f"an invoke wrote {got} where its rows have shape {tuple(expected)}")
-        pre = full.narrow(dim, 0, start)
-        post = full.narrow(dim, start + size, self.total - start - size)
-        widened = torch.cat([pre, edited, post], dim=dim)
-        return mark_stack(widened) if dim == 1 else widened
-
-    def assemble_skip(self, running: Any) -> Any:
-        if not isinstance(running, SkipParts):
-            return running
-        parts = sorted(running.parts, key=lambda part: part[0][0])
-        if sum(size for (_, size), _ in parts) != self.total:
-            return super().assemble_skip(running)  # raises nnsight's "skip in every invoke" error
-        first = parts[0][1]
-        if isinstance(first, torch.Tensor):
-            dim = batch_dim(first)
-            joined = torch.cat([replacement for _, replacement in parts], dim=dim)
-            return mark_stack(joined) if dim == 1 else joined
-        return super().assemble_skip(running)
+from ._compat import (
+    ProbeModelBase,
+    add_envoy,
+    base_envoy_value,
+    is_fake,
+    module_of,
+    set_base_envoy_value,
+    unwrap_module,
+)
+from .activations import ActivationCache, collect, encode_inputs
+from .lens import LogitLensTable, mask_non_text, readout, text_vocabulary_mask
+from .points import POINTS, HookPoint, Injection, StreamBatcher, inject, rekeep_arguments
+from .towers import TOWERS, TowerStub, materialize
 
 
 class PointEnvoy(Envoy):
     """The envoy of a `HookPoint`: refuses points that never fire in this model, with the reason."""
 
     def _require(self) -> None:
-        if not self._module.attached:
-            raise ValueError(f"point {self._module.qualified_name} was removed from this model (Injection.remove()); "
+        point = module_of(self)
+        if not point.attached:
+            raise ValueError(f"point {point.qualified_name} was removed from this model (Injection.remove()); "
                              "wrap the model again with g3n.Gemma3nProbe(model) to get points back")
-        reason = self._module.available()
+        reason = point.unavailable()
         if reason is not None:
             raise ValueError(reason)
 
     @property
     def output(self) -> Any:
         self._require()
-        return Envoy.output.__get__(self)
+        return base_envoy_value(self, "output")
 
     @output.setter
     def output(self, value: Any) -> None:
         self._require()
-        Envoy.output.__set__(self, value)
+        set_base_envoy_value(self, "output", value)
 
     @property
     def input(self) -> Any:
         self._require()
-        return Envoy.input.__get__(self)
+        return base_envoy_value(self, "input")
 
     @input.setter
     def input(self, value: Any) -> None:
         self._require()
-        Envoy.input.__set__(self, value)
+        set_base_envoy_value(self, "input", value)
 
 
 class LayerEnvoy(Envoy):
@@ -118,10 +81,10 @@ class LayerEnvoy(Envoy):
 
     @inputs.postprocess
     def inputs(self, value: Any) -> Any:
-        return rekeep_arguments(self._module, value)
+        return rekeep_arguments(module_of(self), value)
 
     def skip(self, replacement: Any) -> None:
-        layer = self._module
+        layer = module_of(self)
         config = layer.config
         if arch.is_kv_store(config, layer.layer_idx):
             kind = config.layer_types[layer.layer_idx]
@@ -164,10 +127,7 @@ class Layers:
         return f"<{self._count} Gemma 3n decoder layers>"
 
 
-def _envoy_classes() -> dict:
-    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
-
-    return {HookPoint: PointEnvoy, Gemma3nTextDecoderLayer: LayerEnvoy}
+_ENVOY_CLASSES = {HookPoint: PointEnvoy, Gemma3nTextDecoderLayer: LayerEnvoy}
 
 
 class ExclusiveTracer(InterleavingTracer):
@@ -176,12 +136,12 @@ class ExclusiveTracer(InterleavingTracer):
     up serving its requests from the first trace's forward. This refuses it instead."""
 
     def execute(self, code: Any) -> None:
-        lock = _run_lock(self.envoy._module)
+        lock = _run_lock(module_of(self.envoy))
         if not lock.acquire(blocking=False):
             raise RuntimeError(
                 "this model is already running a trace (a trace nested inside another, or another thread's): one "
                 "trace runs on a model at a time. Put several inputs in one trace with tracer.invoke(...), or give "
-                "each thread its own model (g3n.Gemma3nProbe(copy.deepcopy(model._module), tokenizer=...))."
+                "each thread its own model (g3n.Gemma3nProbe(copy.deepcopy(model.hf_model), tokenizer=...))."
             )
         self.envoy.__dict__["_running_trace"] = getattr(self.fn, "__name__", None)
         try:
@@ -222,7 +182,7 @@ class _ModelOnly:
         return {}, kwargs, {}  # every keyword goes to the model's forward
 
 
-class Gemma3nProbe(TransformersModel):
+class Gemma3nProbe(ProbeModelBase):
     """A text-only Gemma 3n under nnsight, with every intervention point of `g3n_probe.points.POINTS`.
 
     Build it with `g3n_probe.load`, or wrap a stock model you loaded yourself:
@@ -232,21 +192,36 @@ class Gemma3nProbe(TransformersModel):
     (``model.model.language_model.layers[i].mlp``) and ``.source`` work as in nnsight.
     """
 
-    _batcher_class = StreamBatcher
+    batcher_class = StreamBatcher
 
     def __init__(self, module: torch.nn.Module, tokenizer: Any = None, load_report: Any = None, **kwargs: Any) -> None:
         injection = Injection.of(module) or inject(module)
-        kwargs.setdefault("envoys", _envoy_classes())
+        kwargs.setdefault("envoys", _ENVOY_CLASSES)
         super().__init__(module, tokenizer=tokenizer, task="text-generation", **kwargs)
         self.injection = injection
         self.load_report = load_report
 
-    def _wrap(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    def wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
         if self.tokenizer is not None:
-            return super()._wrap(module, *args, **kwargs)
+            return None
         # Without a tokenizer nnsight's transformers pipeline cannot be built (it insists on one, or
         # loads one from the config's path). Token ids need none of it: a stand-in carries the model.
         self.pipeline = _ModelOnly(module, self.task)
+        return module
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The stock transformers model this probe wraps (points injected)."""
+        return module_of(self)
+
+    def release(self) -> torch.nn.Module:
+        """Hand the bare stock model back: the points come off (`Injection.remove`) and so does
+        everything nnsight put on its modules when it wrapped them. The module tree, every module's
+        ``__dict__`` and every hook dict are then those of a model never wrapped. The probe is unusable after."""
+        module = module_of(self)
+        self.injection.remove()
+        for submodule in module.modules():
+            unwrap_module(submodule)
         return module
 
     def __getattr__(self, name: str) -> Any:
@@ -284,7 +259,7 @@ class Gemma3nProbe(TransformersModel):
 
     @property
     def text_config(self) -> Any:
-        return self._module.config.get_text_config()
+        return module_of(self).config.get_text_config()
 
     @property
     def points(self) -> tuple:
@@ -303,11 +278,9 @@ class Gemma3nProbe(TransformersModel):
         checked to be a layer of this model and documents where ``x`` was read. Works inside a
         trace (on saved or live values) and outside.
         """
-        from .lens import readout
-
         if layer is not None and not 0 <= layer < self.text_config.num_hidden_layers:
             raise ValueError(f"layer {layer} is out of range: this model has {self.text_config.num_hidden_layers} layers")
-        return readout(self._module, x, text_only=text_only, tokenizer=self.tokenizer)
+        return readout(module_of(self), x, text_only=text_only, tokenizer=self.tokenizer)
 
     def logit_lens(self, prompt: Any, k: int = 5, text_only: bool = True, positions: Any = None):
         """Top-``k`` next tokens after every layer, read out through the AltUp merge.
@@ -316,9 +289,6 @@ class Gemma3nProbe(TransformersModel):
         probabilities) that renders as HTML in a notebook and as a table in a terminal.
         ``positions`` (a list of ints, negative from the end) limits the columns.
         """
-        from .cache import encode_inputs
-        from .lens import LogitLensTable, mask_non_text, text_vocabulary_mask
-
         if self.tokenizer is None:
             raise ValueError("logit_lens names tokens, so it needs a tokenizer: pass tokenizer=... to g3n.load or "
                              "Gemma3nProbe (model.lens(stack) gives the logits without one)")
@@ -334,8 +304,8 @@ class Gemma3nProbe(TransformersModel):
         with torch.no_grad():
             readouts = [self.lens(stack) for stack in stacks] + [logits]
             if text_only:
-                mask = text_vocabulary_mask(self._module, self.tokenizer, logits.device)  # built once for all rows
-                readouts = [mask_non_text(self._module, r, mask=mask) for r in readouts]
+                mask = text_vocabulary_mask(module_of(self), self.tokenizer, logits.device)  # built once for all rows
+                readouts = [mask_non_text(module_of(self), r, mask=mask) for r in readouts]
             probs = torch.stack([r[0, columns].float().softmax(-1) for r in readouts])  # [rows, positions, V]
             top_p, top_i = probs.topk(k, dim=-1)
         decode = lambda t: self.tokenizer.decode([int(t)])  # noqa: E731
@@ -345,14 +315,12 @@ class Gemma3nProbe(TransformersModel):
                               top=top, probabilities=top_p, ids=top_i)
 
     def cache(self, inputs: Any, points: Any, layers: Any = None, positions: Any = None, device: Any = "cpu",
-              dtype: torch.dtype | None = None, max_bytes: int | None = None, verbose: bool = True):
+              dtype: torch.dtype | None = None, max_bytes: int | None = None, verbose: bool = True) -> ActivationCache:
         """Activation cache keyed by point names (``"layers.3.altup_predict"``, ``"ple_tokens"``, …).
 
-        See `g3n_probe.cache.cache`: states its size before running and refuses above ``max_bytes``.
+        See `g3n_probe.activations.collect`: states its size before running and refuses above ``max_bytes``.
         """
-        from .cache import cache
-
-        return cache(self, inputs, points, layers=layers, positions=positions, device=device, dtype=dtype,
+        return collect(self, inputs, points, layers=layers, positions=positions, device=device, dtype=dtype,
                      max_bytes=max_bytes, verbose=verbose)
 
     # ---- input validation ----
@@ -368,7 +336,7 @@ class Gemma3nProbe(TransformersModel):
             raise ValueError(f"token ids must be 2-D [batch, tokens]; got shape {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"token ids are empty (shape {tuple(ids.shape)}); give at least one token")
-        if isinstance(ids, FakeTensor) or ids.is_meta:
+        if is_fake(ids):
             return  # scan: shapes only, no values to check
         low, high = int(ids.min()), int(ids.max())
         if low < 0:
@@ -385,7 +353,7 @@ class Gemma3nProbe(TransformersModel):
         kwargs.setdefault("tracer_cls", ExclusiveTracer)
         return super().trace(*inputs, **kwargs)
 
-    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+    def check_inputs(self, inputs: tuple, kwargs: dict) -> None:
         if inputs:
             _check_input(inputs[0])
         first = inputs[0] if inputs else None
@@ -393,15 +361,14 @@ class Gemma3nProbe(TransformersModel):
         if self.tokenizer is None and any(isinstance(text, str) for text in texts):
             raise ValueError("this model has no tokenizer, so it takes token ids (an integer tensor [batch, tokens]), "
                              "not text: pass tokenizer=... to g3n.load or Gemma3nProbe")
-        return super()._batch_size(*inputs, **kwargs)
 
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().interleave(fn, *args, **kwargs)
         except OutOfOrderError as error:
-            raise self.injection.explain(error) from None
+            raise self.injection.explain_out_of_order(error) from None
 
-    def _call(self, *inputs: Any, **kwargs: Any) -> Any:
+    def prepare_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._validate(inputs, kwargs)
         # A trace is one forward: a KV cache would only cost memory (pass use_cache=True to keep one).
         kwargs.setdefault("use_cache", False)
@@ -409,8 +376,11 @@ class Gemma3nProbe(TransformersModel):
             ids = kwargs.get("input_ids", inputs[0] if inputs else None)
             kwargs["logits_to_keep"] = self._positions(kwargs["logits_to_keep"], ids)
         self.injection.served.clear()
+        return inputs, kwargs
+
+    def run_call(self, call: Any) -> Any:
         try:
-            return super()._call(*inputs, **kwargs)
+            return call()
         except BaseException:
             self.injection.reset()  # an interrupted forward leaves nothing behind
             raise
@@ -443,23 +413,21 @@ class Gemma3nProbe(TransformersModel):
                 "as tracer:), or call generate outside the trace."
             )
         self._validate(inputs, kwargs)
-        return TransformersModel.generate.__wrapped__(self, *inputs, **kwargs)
+        return self.stock_generate(*inputs, **kwargs)
 
     # ---- towers ----
 
     def load_tower(self, kind: str) -> torch.nn.Module:
         """Materialise the ``"vision"`` or ``"audio"`` tower from the checkpoint (stock module)."""
-        from .towers import TOWERS, TowerStub, materialize
-
         if kind not in TOWERS:
             raise ValueError(f"unknown tower {kind!r}; choose 'vision' or 'audio'")
         if self.injection.text_path != arch.TEXT_MODEL_PATHS["Gemma3nForConditionalGeneration"]:
-            raise ValueError(f"a {type(self._module).__name__} has no towers: only Gemma3nForConditionalGeneration does")
-        inner = self._module.model
+            raise ValueError(f"a {type(self.hf_model).__name__} has no towers: only Gemma3nForConditionalGeneration does")
+        inner = self.hf_model.model
         current = getattr(inner, f"{kind}_tower")
         if not isinstance(current, TowerStub):
             return current
         reference = inner.language_model.embed_tokens.weight
         tower = materialize(current, dtype=reference.dtype, device=reference.device)
-        self.model._add_envoy(f"{kind}_tower", tower)
+        add_envoy(self.model, f"{kind}_tower", tower)
         return tower

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +33,10 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from ._util import atomic_write, build_text_only
+from . import arch
+from ._compat import set_attention_implementation
+from ._util import atomic_write
+from .towers import build_text_only
 
 PRESETS = ("tiny", "mid", "e2b", "e4b")
 
@@ -176,22 +180,16 @@ def build_tokenizer(config):
 
 def _checkpoint_shapes(config, preset: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Every tensor a real checkpoint of this config holds, with its shape, in checkpoint order."""
-    from transformers import Gemma3nForConditionalGeneration
-
-    from .towers import tower_stubs
-
-    with tower_stubs(vision=True, audio=False), torch.device("meta"):
-        model = Gemma3nForConditionalGeneration(config)
+    model = build_text_only(config, "meta", vision=True, audio=False)
     shapes = {k: (v.shape, v.dtype) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     # Real checkpoints still carry k/v projections and norms for KV-shared layers.
     text = config.text_config
-    for i, mode in enumerate(text.kv_sharing_modes):
-        if mode == "reuse":
-            prefix = f"model.language_model.layers.{i}.self_attn."
-            kv = text.num_key_value_heads * text.head_dim
-            shapes[prefix + "k_proj.weight"] = (torch.Size([kv, text.hidden_size]), torch.float32)
-            shapes[prefix + "v_proj.weight"] = (torch.Size([kv, text.hidden_size]), torch.float32)
-            shapes[prefix + "k_norm.weight"] = (torch.Size([text.head_dim]), torch.float32)
+    for i in arch.kv_sources(text):
+        prefix = f"model.language_model.layers.{i}.self_attn."
+        kv = text.num_key_value_heads * text.head_dim
+        shapes[prefix + "k_proj.weight"] = (torch.Size([kv, text.hidden_size]), torch.float32)
+        shapes[prefix + "v_proj.weight"] = (torch.Size([kv, text.hidden_size]), torch.float32)
+        shapes[prefix + "k_norm.weight"] = (torch.Size([text.head_dim]), torch.float32)
     vision = {}
     if preset in ("tiny", "mid", "custom"):
         # A small stand-in for MobileNetV5's tensors: tiny cannot build the timm tower either way.
@@ -337,8 +335,6 @@ def default_checkpoint() -> Path:
         try:
             os.replace(tmp, target)
         except OSError:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)  # another process made it first
     return target
 
@@ -351,8 +347,8 @@ def random_model(preset_or_config: Any = "tiny", *, device: str | torch.device =
     refilled with the same non-zero random scheme as `save_checkpoint`.
     """
     config = preset_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
-    config._attn_implementation = attn_implementation
-    config.get_text_config()._attn_implementation = attn_implementation
+    set_attention_implementation(config, attn_implementation)
+    set_attention_implementation(config.get_text_config(), attn_implementation)
     generator = torch.Generator().manual_seed(seed)
     model = build_text_only(config, device, dtype)
     with torch.no_grad():

@@ -1,17 +1,17 @@
-"""Lazy stand-ins for Gemma 3n's vision and audio towers.
+"""Lazy stand-ins for Gemma 3n's vision and audio towers, and the one text-only skeleton builder.
 
 ``Gemma3nModel.__init__`` builds both towers through ``AutoModel.from_config``; the vision tower is
 timm's MobileNetV5 (294M parameters, and building it imports timm and PIL), the audio tower a 681M
 Conformer. Neither runs on a text forward. `tower_stubs` makes that ``from_config`` call return a
 `TowerStub` instead: a parameter-free module that remembers the tower's config and where each of
 its tensors lives in the checkpoint, and raises a clear error if anything calls it.
+`build_text_only` builds the stock model with stubs (on any device, the meta device included);
 `materialize` builds the real tower later, from the checkpoint, when a user asks for it.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,9 +19,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-TOWERS = {"vision": "model.vision_tower.", "audio": "model.audio_tower."}
+from ._compat import gemma3n_builds_submodels_with
+from .checkpoint import TOWER_PREFIXES, by_file, fetched_text_only, is_text_key, open_safetensors
 
-_patch_lock = threading.RLock()
+TOWERS = tuple(TOWER_PREFIXES)
 
 
 class TowerNotLoadedError(RuntimeError):
@@ -62,73 +63,82 @@ def _stub_kind(config: Any) -> str | None:
     return {"gemma3n_vision": "vision", "gemma3n_audio": "audio"}.get(model_type)
 
 
+class _StubbingAutoModel:
+    """What ``modeling_gemma3n`` builds sub-models with while `tower_stubs` is active: stubs for the
+    chosen towers, the real ``AutoModel`` for everything else (the text model)."""
+
+    def __init__(self, wanted: set[str]) -> None:
+        self.wanted = wanted
+        self.real: Any = None
+
+    def from_config(self, *args: Any, **kwargs: Any) -> nn.Module:
+        # transformers passes the config positionally in some versions and as config= in others
+        config = kwargs["config"] if "config" in kwargs else args[0]
+        kind = _stub_kind(config)
+        if kind in self.wanted:
+            return TowerStub(kind, config)
+        return self.real.from_config(*args, **kwargs)
+
+
 @contextmanager
 def tower_stubs(vision: bool = True, audio: bool = True) -> Iterator[None]:
-    """While active, building a ``Gemma3nModel`` puts `TowerStub`s where the chosen towers go.
+    """While active, building a ``Gemma3nModel`` puts `TowerStub`s where the chosen towers go."""
+    shim = _StubbingAutoModel({kind for kind, on in (("vision", vision), ("audio", audio)) if on})
+    with gemma3n_builds_submodels_with(shim) as real:
+        shim.real = real
+        yield
 
-    It swaps the ``AutoModel`` name that ``modeling_gemma3n`` builds its sub-models with for a shim
-    that intercepts only the tower configs; the text model is still built by the real AutoModel.
-    Works whether transformers passes the config positionally or as ``config=``.
-    """
-    from transformers.models.gemma3n import modeling_gemma3n
 
-    wanted = {kind for kind, on in (("vision", vision), ("audio", audio)) if on}
-    real = modeling_gemma3n.AutoModel
+def build_text_only(config: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    vision: bool = True, audio: bool = True) -> Any:
+    """A stock ``Gemma3nForConditionalGeneration`` built (initialised) on ``device`` in ``dtype``, with
+    the chosen towers stubbed: the starting point for in-memory models, sub-models and (on the meta
+    device) every plan of shapes and bytes."""
+    from transformers import Gemma3nForConditionalGeneration
 
-    class _AutoModelShim:
-        @staticmethod
-        def from_config(*args: Any, **kwargs: Any) -> nn.Module:
-            config = kwargs["config"] if "config" in kwargs else args[0]
-            kind = _stub_kind(config)
-            if kind in wanted:
-                return TowerStub(kind, config)
-            return real.from_config(*args, **kwargs)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with tower_stubs(vision=vision, audio=audio), torch.device(device):
+            return Gemma3nForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
 
-        def __getattr__(self, name: str) -> Any:  # pragma: no cover - passthrough
-            return getattr(real, name)
 
-    with _patch_lock:
-        modeling_gemma3n.AutoModel = _AutoModelShim
-        try:
-            yield
-        finally:
-            modeling_gemma3n.AutoModel = real
+def expected_text_shapes(config: Any) -> dict[str, torch.Size]:
+    """The text-path tensors a checkpoint of ``config`` must hold (built on the meta device)."""
+    skeleton = build_text_only(config, "meta")
+    return {k: v.shape for k, v in skeleton.state_dict().items() if is_text_key(k)}
+
+
+def _why_no_tower(stub: TowerStub) -> str:
+    left_out = fetched_text_only(stub.checkpoint_dir) if stub.checkpoint_dir is not None else None
+    if left_out is not None:
+        return (f"{stub.checkpoint_dir} is a {left_out}. Download the full snapshot (`hf download <hub id>`; "
+                "g3n_probe then uses it from the Hugging Face cache) and load that to run a tower")
+    return f"this checkpoint holds no {stub.kind} tower tensors; there is no {stub.kind} tower to load"
 
 
 def materialize(stub: TowerStub, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Build the stock tower for ``stub`` and fill it from the checkpoint's safetensors."""
-    from safetensors import safe_open
     from transformers import AutoModel
 
     if not stub.tensor_files or stub.checkpoint_dir is None:
-        from .hub import fetched_text_only
-
-        left_out = fetched_text_only(stub.checkpoint_dir) if stub.checkpoint_dir is not None else None
-        if left_out is not None:
-            raise TowerNotLoadedError(
-                f"{stub.checkpoint_dir} is a {left_out}. Download the full snapshot (`hf download <hub id>`; "
-                "g3n_probe then uses it from the Hugging Face cache) and load that to run a tower"
-            )
-        raise TowerNotLoadedError(
-            f"this checkpoint holds no {stub.kind} tower tensors; there is no {stub.kind} tower to load"
-        )
+        raise TowerNotLoadedError(_why_no_tower(stub))
     if stub.kind == "vision" and importlib.util.find_spec("timm") is None:
         raise TowerNotLoadedError(
             "the vision tower is timm's MobileNetV5: install the 'towers' extra "
             "(pip install 'g3n_probe[towers]', which brings timm and pillow) to load it"
         )
-    prefix = TOWERS[stub.kind]
+    prefix = TOWER_PREFIXES[stub.kind]
     # Built for real (not on meta) so transformers' own __init__ fills the non-persistent buffers.
     tower = AutoModel.from_config(stub.config)
-    by_file: dict[str, list[str]] = {}
-    for key, filename in stub.tensor_files.items():
-        by_file.setdefault(filename, []).append(key)
     state: dict[str, torch.Tensor] = {}
-    for filename, keys in by_file.items():
+    for filename, keys in by_file(stub.tensor_files).items():
         path = stub.checkpoint_dir / filename
         if not path.exists():
             raise FileNotFoundError(f"the {stub.kind} tower's shard {path} is missing")
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with open_safetensors(path) as handle:
             for key in keys:
                 state[key[len(prefix):]] = handle.get_tensor(key)
     expected = set(tower.state_dict())

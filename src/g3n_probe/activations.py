@@ -1,0 +1,142 @@
+"""An activation cache: the values of chosen points for one batch, in one trace.
+
+Names are the table's (`g3n_probe.points.TABLE`, the layer stacks ``input`` and ``output`` included):
+``"layers.3.altup_predict"`` for one layer, ``"altup_predict"`` for every selected layer, and the
+model-level names as they are (``"ple_tokens"``, ``"logits"``). Values keep the point's layout
+([S,B,T,D] stacks stay stacks); ``positions`` selects along the token axis (the query axis for
+``attn_pattern``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .points import BY_NAME, MODEL, TABLE, Point, concrete_shape, in_execution_order
+
+
+class ActivationCache(dict):
+    """``name -> tensor``, with the bytes it holds and the token ids it was computed on."""
+
+    def __init__(self, values: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        super().__init__(values)
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values())
+
+    def __repr__(self) -> str:
+        lines = [f"ActivationCache({len(self)} tensors, {self.nbytes / 1024**2:.2f} MiB)"]
+        lines += [f"  {name}: {list(v.shape)} {v.dtype}" for name, v in self.items()]
+        return "\n".join(lines)
+
+
+def valid_names() -> list[str]:
+    return [p.name for p in TABLE]
+
+
+def _layer_list(name: str, n_layers: int, selected: list[int]) -> tuple[str, list[int]]:
+    """(row name, layers) for ``"layers.<i>.<name>"`` (one layer) or ``"<name>"`` (every selected layer)."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].lstrip("-").isdigit():
+        layer = int(parts[1])
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"{name}: layer {layer} out of range: this model has layers 0..{n_layers - 1}")
+        return parts[2], [layer]
+    return name, selected
+
+
+def select(model: Any, points: Sequence[str], layers: Iterable[int] | None = None) -> list[tuple[str, Point, int | None]]:
+    """(cache key, row, layer) in execution order; a clear error for unknown names or layers."""
+    n_layers = model.text_config.num_hidden_layers
+    selected = list(range(n_layers)) if layers is None else sorted(set(layers))
+    bad_layers = [i for i in selected if not 0 <= i < n_layers]
+    if bad_layers:
+        raise ValueError(f"layers {bad_layers} out of range: this model has layers 0..{n_layers - 1}")
+    wanted: set[tuple[Point, int | None]] = set()
+    for name in points:
+        base, layer_list = _layer_list(name, n_layers, selected)
+        point = BY_NAME.get(base)
+        if point is None:
+            raise ValueError(f"unknown point {name!r}; valid names: {', '.join(valid_names())} "
+                             "(per layer as 'layers.<i>.<name>' or for every selected layer as '<name>')")
+        wanted.update([(point, None)] if point.scope == MODEL else [(point, i) for i in layer_list])
+    return [(point.qualified(layer), point, layer) for point, layer in in_execution_order(wanted)]
+
+
+def encode_inputs(model: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(inputs, torch.Tensor):
+        ids = inputs if inputs.dim() == 2 else inputs[None]
+        return ids, None
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    encoded = model.tokenizer(texts, return_tensors="pt", padding=True)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def estimate_bytes(model: Any, resolved: list, batch: int, tokens: int, positions: Sequence[int] | None,
+                   dtype: torch.dtype) -> dict[str, int]:
+    sizes = {}
+    for key, point, layer in resolved:
+        shape = list(concrete_shape(point, model.text_config, batch, tokens, layer or 0))
+        if positions is not None:
+            shape[point.axis("T")] = len(positions)
+        sizes[key] = math.prod(shape) * dtype.itemsize
+    return sizes
+
+
+def collect(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int] | None = None,
+          positions: Sequence[int] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+          max_bytes: int | None = None, verbose: bool = True) -> ActivationCache:
+    """Run ``inputs`` once and return the chosen points' values, moved to ``device``/``dtype``.
+
+    States the bytes it will hold before running, and refuses (``MemoryError``) when that exceeds
+    ``max_bytes``. See the module docstring for names and ``positions``.
+    """
+    resolved = select(model, points, layers)
+    check_available(model, resolved)
+    ids, mask = encode_inputs(model, inputs)
+    batch, tokens = ids.shape
+    if positions is not None:
+        positions = [int(p) for p in positions]
+        bad = [p for p in positions if not -tokens <= p < tokens]
+        if bad:
+            raise ValueError(f"positions {bad} fall outside the sequence of {tokens} tokens")
+    dtype = dtype or model.hf_model.dtype
+    sizes = estimate_bytes(model, resolved, batch, tokens, positions, dtype)
+    total = sum(sizes.values())
+    if verbose:
+        print(f"cache: {len(resolved)} tensors, {total / 1024**2:.2f} MiB ({batch}×{tokens} tokens, {dtype})")
+    if max_bytes is not None and total > max_bytes:
+        raise MemoryError(f"the cache would hold {total:,} bytes ({total / 1024**2:.1f} MiB), over max_bytes={max_bytes:,}; "
+                          "choose fewer points, layers or positions")
+    index = None if positions is None else torch.tensor([p % tokens for p in positions])
+    if index is not None and mask is not None:
+        padded = {int(p): (mask[:, p % tokens] == 0).nonzero().flatten().tolist() for p in positions}
+        padded = {p: rows for p, rows in padded.items() if rows}
+        if padded:
+            warnings.warn(
+                "positions " + "; ".join(f"{p} is padding in rows {rows}" for p, rows in padded.items())
+                + ": texts are padded on the left, so count positions from the end (-1 is every row's last token)",
+                stacklevel=2,
+            )
+    saved: dict[str, Any] = {}
+    with torch.no_grad(), model.trace(ids if mask is None else {"input_ids": ids, "attention_mask": mask}):
+        for key, point, layer in resolved:
+            value = point.read(model, layer)
+            if index is not None:
+                value = value.index_select(point.axis("T"), index.to(value.device))
+            saved[key] = value.detach().to(device=device, dtype=dtype).save()
+    return ActivationCache(dict(saved), ids, mask)
+
+
+def check_available(model: Any, resolved: list[tuple[str, Point, int | None]]) -> None:
+    """Raise naming the first point that never fires in this model (``attn_pattern`` under sdpa)."""
+    for _, point, _ in resolved:
+        reason = model.injection.unavailable(point)
+        if reason:
+            raise ValueError(reason)

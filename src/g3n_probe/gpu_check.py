@@ -1,0 +1,248 @@
+"""The GPU check: every performance target, stock beside g3n_probe, in one run (``make gpu-check``).
+
+Each target is a named record (`Target`): what it measures, its limit and its unit. `check_targets`
+evaluates them on one run's figures, `check_markdown` renders the verdicts, and the README's list
+of targets is rendered from the same records (`targets_markdown`). `run_gpu_check` writes the
+synthetic checkpoint, measures the load (G5) and patching throughput (G6) on top of `bench.run_bench`'s
+figures, writes ``gpu_check_<device>_<preset>.{json,md}`` and returns the missed targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import arch, patching
+from .bench import rss, sync
+from .checkpoint import by_file, is_text_key, read_exactly, tensor_bytes, tensor_offsets, weight_map
+from .loading import load
+from .points import POINTS
+from .probe import Gemma3nProbe
+from .synthetic import build_tokenizer, random_model, save_checkpoint
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Target:
+    """One performance target: ``value <= limit`` (or ``>=`` with ``at_least``); no limit: reported only."""
+
+    name: str
+    what: str
+    limit: float | None
+    unit: str
+    at_least: bool = False
+
+    def judge(self, value: float, detail: str = "") -> dict[str, Any]:
+        ok = None if self.limit is None else (value >= self.limit if self.at_least else value <= self.limit)
+        return {"target": self.name, "what": self.what + (f", {detail}" if detail else ""), "value": value,
+                "limit": self.limit, "unit": self.unit, "at_least": self.at_least, "ok": ok}
+
+    def bound(self) -> str:
+        return "" if self.limit is None else f"{'≥' if self.at_least else '≤'} {self.limit:g} {self.unit}"
+
+
+RESIDENT = Target("G1", "resident accelerator memory after load", None, "GiB")
+PEAK = Target("G2", "peak accelerator memory, B1×T2048 trace reading last-position logits (table on host)", 6.0, "GiB")
+INJECTED = Target("G3", "injected, untouched / stock", 1.02, "×")
+ALL_SAVED = Target("G3", "every point of every layer saved / stock", 1.10, "×")
+HOST_TABLE = Target("G4", "table on the host / on the accelerator", 1.05, "×")
+LOAD_TIME = Target("G5", "g3n.load call to the first finished trace", None, "s")
+READ_TIME = Target("G5", "reading the text tensors' bytes alone", None, "s")
+LOAD_MEMORY = Target("G5", "host memory the load added (peak RSS − RSS before) / (per-layer table + 1 GiB)", 1.0, "×")
+SWEEP = Target("G6", "patches/s, patching sweep / one trace per patch", 10.0, "×", at_least=True)
+TARGETS = (RESIDENT, PEAK, INJECTED, ALL_SAVED, HOST_TABLE, LOAD_TIME, READ_TIME, LOAD_MEMORY, SWEEP)
+
+
+def targets_markdown() -> str:
+    """The targets as a README list."""
+    return "\n".join(f"- {t.name}: {t.what}" + (f" {t.bound()}" if t.limit is not None else " (reported)")
+                     for t in TARGETS)
+
+
+def check_targets(results: dict) -> list[dict[str, Any]]:
+    """Every target evaluated on `bench.run_bench`'s results (plus ``load`` and ``patching``). Missing
+    measurements (a shape not run, no device memory on CPU) are skipped."""
+    variants = results["variants"]
+    stock = variants.get("stock_text", {}).get("shapes", {})
+    on_device = variants.get("g3n_table_device", {}).get("shapes", {})
+    on_host = variants.get("g3n_table_host", {}).get("shapes", {})
+    rows = [RESIDENT.judge(entry["resident_device_bytes"] / GIB, name) for name, entry in variants.items()
+            if entry.get("resident_device_bytes") is not None]
+    peak = on_host.get("1x2048", {}).get("trace_peak_device_bytes")
+    rows += [PEAK.judge(peak / GIB)] if peak is not None else []
+    for shape in ("1x128", "8x512"):
+        if shape in stock and shape in on_device:
+            base = stock[shape]["forward_seconds"]
+            rows.append(INJECTED.judge(on_device[shape]["forward_seconds"] / base, shape))
+            if "trace_all_seconds" in on_device[shape]:
+                rows.append(ALL_SAVED.judge(on_device[shape]["trace_all_seconds"] / base, shape))
+        if shape in on_host and shape in on_device:
+            rows.append(HOST_TABLE.judge(on_host[shape]["forward_seconds"] / on_device[shape]["forward_seconds"], shape))
+    load_figures = results.get("load", {})
+    for target, key in ((LOAD_TIME, "load_to_first_trace_seconds"), (READ_TIME, "text_bytes_read_seconds")):
+        if key in load_figures:
+            rows.append(target.judge(load_figures[key]))
+    if "patching" in results:
+        figures = results["patching"]
+        rows.append(SWEEP.judge(figures["speedup"], f"{figures['chunk']} per forward, B1×T{figures['tokens']}"))
+    if "host_rss_added_bytes" in load_figures:
+        rows.append(LOAD_MEMORY.judge(load_figures["host_rss_added_bytes"] / (load_figures["host_table_bytes"] + GIB)))
+    return rows
+
+
+class _PeakRSS:
+    """The highest RSS seen while the block runs, sampled every 5 ms from another thread (Linux)."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.before = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
+    """G5: from the `g3n_probe.load` call to the first finished trace, and the time to read the text bytes."""
+    # The checkpoint was just written: flush it and drop it from the page cache, so both timings below
+    # read from the disk, as a first load of downloaded weights does.
+    os.sync()
+    for path in checkpoint.glob("*.safetensors"):
+        if hasattr(os, "posix_fadvise"):
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    text_bytes = 0
+    start = time.perf_counter()
+    mapping = weight_map(checkpoint)
+    buffer = torch.empty(16 * 1024**2, dtype=torch.uint8).numpy()
+    for filename, keys in by_file(mapping, [key for key in mapping if is_text_key(key)]).items():
+        path = checkpoint / filename
+        offsets = tensor_offsets(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for key in keys:
+                stored, shape, first = offsets[key]
+                size = tensor_bytes(offsets[key])
+                for done in range(0, size, len(buffer)):
+                    read_exactly(fd, first + done, buffer[: min(len(buffer), size - done)], path)
+                text_bytes += size
+        finally:
+            os.close(fd)
+    read_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with _PeakRSS() as rss:
+        model = load(checkpoint, device=device)
+    table = arch.per_layer_table(model.hf_model).weight
+    table_bytes = table.numel() * table.element_size() if table.device.type == "cpu" else 0
+    del table
+    ids = torch.randint(3, model.text_config.vocab_size_per_layer_input, (1, 16), device=device)
+    with torch.no_grad(), model.trace(ids, logits_to_keep=1):
+        model.logits.output.save()
+    sync(torch.device(device))
+    seconds = time.perf_counter() - start
+    del model
+    result = {"load_to_first_trace_seconds": seconds, "text_bytes_read_seconds": read_seconds, "text_bytes": text_bytes}
+    if torch.device(device).type != "cpu":   # on the host the whole model is host memory, as it should be
+        result.update(host_rss_added_bytes=rss.peak - rss.before, host_table_bytes=table_bytes)
+    return result
+
+
+def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | None = None) -> dict[str, Any]:
+    """Patches per second of `patching.sweep` (``chunk`` variants per forward, layers before a chunk's first
+    patch reused) against a loop of one plain trace per patch, on the same patches: ``resid_mid`` at
+    ``layers`` (default all) × every position of a random B1×T prompt pair whose middle token differs, with
+    a last-position logit difference (``logits_to_keep=1``). The sweep's time includes its own set-up (the
+    source cache and the two baseline forwards); the loop's does not."""
+    vocab = model.text_config.vocab_size_per_layer_input
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(3, vocab, (1, tokens), generator=generator)
+    corrupted = clean.clone()
+    corrupted[0, tokens // 2] = (corrupted[0, tokens // 2] + 1) % vocab
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 7] - logits[:, -1, 8]
+
+    layers = list(range(model.text_config.num_hidden_layers)) if layers is None else layers
+    device = next(model.hf_model.parameters()).device
+    variants = [(layer, "resid_mid", position) for layer in layers for position in range(tokens)]
+    by_name = {p.name: p for p in POINTS}
+    source = model.cache(clean, ["resid_mid"], layers=layers, verbose=False)
+
+    def loop() -> int:
+        for variant in variants:
+            patching.patched_metric(model, corrupted, [variant], source, by_name, metric, logits_to_keep=1)
+        return len(variants)
+
+    def sweep() -> int:
+        return patching.sweep(model, clean, corrupted, metric, layers=layers, chunk=chunk, logits_to_keep=1).forwards
+
+    results: dict[str, Any] = {"tokens": tokens, "layers": layers, "chunk": chunk}
+    patching.sweep(model, clean, corrupted, metric, layers=layers[:1], positions=[0, 1], chunk=chunk,
+                   logits_to_keep=1)   # warm-up
+    for label, run in (("one_per_trace", loop), ("sweep", sweep)):
+        sync(device)
+        start = time.perf_counter()
+        forwards = run()
+        sync(device)
+        seconds = time.perf_counter() - start
+        results[label] = {"seconds": seconds, "patches": len(variants),
+                          "patches_per_second": len(variants) / seconds, "forwards": forwards}
+    results["speedup"] = results["sweep"]["patches_per_second"] / results["one_per_trace"]["patches_per_second"]
+    return results
+
+
+def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:
+    lines = [f"GPU check on {device_name}", "", "| target | what | measured | limit | |", "|---|---|---|---|---|"]
+    for row in rows:
+        limit = "" if row["limit"] is None else f"{'≥' if row.get('at_least') else '≤'} {row['limit']:g} {row['unit']}"
+        verdict = "" if row["ok"] is None else ("ok" if row["ok"] else "**missed**")
+        lines.append(f"| {row['target']} | {row['what']} | {row['value']:.3f} {row['unit']} | {limit} | {verdict} |")
+    return "\n".join(lines)
+
+
+def run_gpu_check(preset: str, device: str, out: Path, results: dict, print_fn: Callable = print) -> list[str]:
+    """The rest of the GPU check on top of `bench.run_bench`'s ``results``: writes the synthetic checkpoint
+    and measures G5 on it, measures G6, evaluates every target, writes gpu_check_<device>_<preset>.{json,md};
+    returns the missed targets (empty: all met)."""
+    scratch = Path(tempfile.mkdtemp(prefix="g3n_gpu_check_"))
+    try:
+        print_fn(f"writing the synthetic {preset} checkpoint to {scratch} ...")
+        results["load"] = measure_load(save_checkpoint(scratch / preset, preset), device)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print_fn("patching: sweep vs one trace per patch ...")
+    on_gpu = device.startswith("cuda")
+    module = random_model(preset, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    layers = module.config.get_text_config().num_hidden_layers
+    # Two layers × every position keeps the one-trace-per-patch side to a few hundred traces.
+    results["patching"] = measure_patching(Gemma3nProbe(module, tokenizer=build_tokenizer(module.config)),
+                                           tokens=128 if on_gpu else 16, chunk=64 if on_gpu else 32,
+                                           layers=[layers // 3, 2 * layers // 3])
+    del module
+    rows = check_targets(results)
+    text = check_markdown(rows, results["device"])
+    print_fn(text)
+    stem = f"gpu_check_{device.split(':')[0]}_{preset}"
+    (out / f"{stem}.json").write_text(json.dumps({"results": results, "targets": rows}, indent=2, default=str))
+    (out / f"{stem}.md").write_text(text + "\n")
+    return [f"{r['target']} {r['what']}: {r['value']:.3f} {r['unit']} (must be {'≥' if r['at_least'] else '≤'} "
+            f"{r['limit']:g})" for r in rows if r["ok"] is False]

@@ -1,0 +1,56 @@
+"""The intervention points: one table, one identity module, one owned injection.
+
+Every Gemma-3n-specific value a researcher wants to read or edit has a name and a place in the
+module tree. The place is a `HookPoint`, an identity module the value is passed through; each row of
+the table (`table.TABLE`) carries a route that attaches the point where the value appears in the
+stock forward (`routes`, `attention`), and `inject` is one loop over the rows that returns the
+`Injection` owning everything it attached. Stream stacks carry their batch on dimension 1 (`stacks`).
+
+Inside the package, bottom up: `undo`, `stacks` → `hookpoint` → `methods` → `routes` → `attention`
+→ `table` → `injection`.
+"""
+
+from .hookpoint import HookPoint, serve
+from .injection import Injection, InjectionError, inject
+from .methods import MethodRoute, method_route
+from .routes import (
+    InputOf,
+    LayerArgument,
+    LayerStack,
+    MethodResult,
+    ModuleItself,
+    OutputOf,
+    RootOutput,
+    Route,
+    SplitLast,
+    rekeep_arguments,
+)
+from .attention import AttentionWeights
+from .stacks import PointWriteError, StreamBatcher, batch_dim, check_write, mark_stack
+from .table import (
+    AFTER_LAYERS,
+    BEFORE_LAYERS,
+    BY_NAME,
+    LAYER,
+    LAYER_POINTS,
+    MODEL,
+    MODEL_POINTS,
+    POINTS,
+    STACK_ROWS,
+    TABLE,
+    Point,
+    concrete_shape,
+    execution_rank,
+    in_execution_order,
+    listing,
+    markdown_table,
+)
+
+__all__ = [
+    "AFTER_LAYERS", "BEFORE_LAYERS", "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS",
+    "STACK_ROWS", "TABLE", "AttentionWeights", "HookPoint", "Injection", "InjectionError", "InputOf",
+    "LayerArgument", "LayerStack", "MethodResult", "MethodRoute", "ModuleItself", "OutputOf", "Point",
+    "PointWriteError", "RootOutput", "Route", "SplitLast", "StreamBatcher", "batch_dim", "check_write",
+    "concrete_shape", "execution_rank", "in_execution_order", "inject", "listing", "mark_stack",
+    "markdown_table", "method_route", "rekeep_arguments", "serve",
+]
