@@ -19,6 +19,16 @@ from torch import nn
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
+#: The tiny preset's KV-reuse layers (4 reads layer 3's keys and values, 5 reads layer 2's): they have no
+#: k/v modules, so attn_k and attn_v do not exist there (test_kv_sharing checks the preset agrees).
+TINY_KV_REUSE = (4, 5)
+KV_ONLY = ("attn_k", "attn_v")
+
+
+def exists_at(name: str, layer: int | None) -> bool:
+    """Whether a per-layer point exists at ``layer`` of the tiny preset."""
+    return not (name in KV_ONLY and layer in TINY_KV_REUSE)
+
 
 def build_stock(checkpoint: Path, attn_implementation: str = "sdpa") -> nn.Module:
     """Stock ``Gemma3nForConditionalGeneration`` with the checkpoint's weights and a real audio tower.
@@ -90,6 +100,15 @@ def capture(model: nn.Module, ids: torch.Tensor) -> dict:
         router_calls[i] = []
         handles.append(layer.altup.modality_router.register_forward_hook(
             lambda m, a, o, i=i: router_calls[i].append(torch.tanh(o.detach().float()).type_as(o))))
+        streams = layer.altup.config.altup_num_inputs
+        handles.append(layer.altup.prediction_coefs.register_forward_hook(
+            lambda m, a, o, i=i, s=streams: values.__setitem__(
+                ("altup_predict_coefs", i), o.detach().reshape(*o.shape[:-1], s, s).permute(0, 1, 3, 2).clone())))
+        handles.append(layer.altup.correction_coefs.register_forward_hook(
+            lambda m, a, o, i=i: values.__setitem__(("altup_correct_coefs", i), (o.detach() + 1.0).clone())))
+        for name, module in (("attn_q", "q_norm"), ("attn_k", "k_norm"), ("attn_v", "v_norm")):
+            if hasattr(layer.self_attn, module):   # KV-reuse layers have no k/v modules
+                handles.append(getattr(layer.self_attn, module).register_forward_hook(keep((name, i))))
         handles.append(layer.laurel.post_laurel_norm.register_forward_hook(keep(("laurel_branch", i))))
         handles.append(layer.laurel.register_forward_hook(keep(("laurel", i))))
         heads = layer.self_attn.config.num_attention_heads
@@ -151,8 +170,17 @@ def edited(model: nn.Module, name: str, layer: int | None, fn: Edit, rows: slice
         L, P = lm.config.num_hidden_layers, lm.config.hidden_size_per_layer_input
         outputs = {"laurel_branch": "laurel.post_laurel_norm", "laurel": "laurel", "attn_out": "post_attention_layernorm",
                    "mlp_out": "post_feedforward_layernorm", "ple_out": "post_per_layer_input_norm"}
+        outputs.update(attn_q="self_attn.q_norm", attn_k="self_attn.k_norm", attn_v="self_attn.v_norm")
         inputs = {"mlp_gate": "mlp.act_fn", "mlp_act": "mlp.down_proj", "ple_gate": "per_layer_projection"}
-        if name in outputs:
+        streams = lm.config.altup_num_inputs
+        if name == "altup_predict_coefs":
+            def predict_coefs(m, a, o):
+                matrix = o.reshape(*o.shape[:-1], streams, streams).permute(0, 1, 3, 2)
+                return apply(matrix).permute(0, 1, 3, 2).reshape(o.shape)
+            hook(target.altup.prediction_coefs.register_forward_hook(predict_coefs))
+        elif name == "altup_correct_coefs":
+            hook(target.altup.correction_coefs.register_forward_hook(lambda m, a, o: apply(o + 1.0) - 1.0))
+        elif name in outputs:
             hook(target.get_submodule(outputs[name]).register_forward_hook(lambda m, a, o: apply(o)))
         elif name in inputs:
             hook(target.get_submodule(inputs[name]).register_forward_pre_hook(lambda m, a: (apply(a[0]), *a[1:])))
@@ -209,3 +237,114 @@ def edited(model: nn.Module, name: str, layer: int | None, fn: Edit, rows: slice
         else:
             raise KeyError(f"no reference edit for {name}")
         yield
+
+
+# ---- an independent frozen replay of the decomposition (pushes every component *forward*) ---------------
+
+def _rms(values: torch.Tensor, eps: float) -> torch.Tensor:
+    values = values.float()
+    return torch.pow(values.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+
+
+def frozen_forward_capture(model: nn.Module, ids: torch.Tensor) -> dict:
+    """What the replay freezes and pushes, captured with plain hooks on the stock modules."""
+    lm = _text(model)
+    kept: dict = {}
+    handles = []
+
+    def keep(key, output=True):
+        def hook(module, args, out=None):
+            kept[key] = (out if output else args[0]).detach().float().clone()
+        return hook
+
+    streams = lm.config.altup_num_inputs
+    for i, layer in enumerate(lm.layers):
+        handles += [
+            layer.register_forward_pre_hook(lambda m, a, i=i: kept.__setitem__(("input", i), a[0].detach().float().clone())),
+            layer.register_forward_hook(lambda m, a, o, i=i: kept.__setitem__(("output", i), o.detach().float().clone())),
+            layer.altup.prediction_coefs.register_forward_hook(lambda m, a, o, i=i: kept.__setitem__(
+                ("C", i), o.detach().float().reshape(*o.shape[:-1], streams, streams).permute(0, 1, 3, 2).clone())),
+            layer.altup.correction_coefs.register_forward_hook(lambda m, a, o, i=i: kept.__setitem__(
+                ("c", i), (o.detach() + 1.0).float().clone())),
+            layer.input_layernorm.register_forward_pre_hook(keep(("active", i), output=False)),
+            layer.post_attention_layernorm.register_forward_hook(keep(("attn_out", i))),
+            layer.post_attention_layernorm.register_forward_pre_hook(keep(("attn_pre", i), output=False)),
+            layer.self_attn.o_proj.register_forward_pre_hook(keep(("z", i), output=False)),
+            layer.laurel.post_laurel_norm.register_forward_hook(keep(("laurel_branch", i))),
+            layer.post_feedforward_layernorm.register_forward_hook(keep(("mlp_out", i))),
+            layer.post_per_layer_input_norm.register_forward_hook(keep(("ple_out", i))),
+        ]
+    handles.append(lm.norm.register_forward_pre_hook(keep(("merged", None), output=False)))
+    try:
+        with torch.no_grad():
+            out = stock_forward(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    kept["logits"] = out.logits.detach()
+    return kept
+
+
+def replay_layer(layer: nn.Module, kept: dict, i: int, stack: torch.Tensor, writes: dict) -> torch.Tensor:
+    """Layer ``i`` as a linear map with the frozen coefficients, applied to ``stack`` ([S,B,T,D], a part
+    of the real input) plus the given ``writes`` (name -> [B,T,D], each a part of the real write)."""
+    config = layer.altup.config
+    a = config.altup_active_idx
+    predicted = stack + torch.einsum("sbtd,btsk->kbtd", stack, kept[("C", i)])
+    scale = _rms(kept[("active", i)], layer.input_layernorm.eps) * layer.input_layernorm.weight.float()
+    zero = torch.zeros_like(stack[0])
+    x = (predicted[a] + scale * predicted[a] + writes.get("attn_out", zero) + writes.get("laurel_branch", zero)) / 2 ** 0.5
+    x = x + writes.get("mlp_out", zero)
+    out = predicted + kept[("c", i)].permute(2, 0, 1)[..., None] * (x - predicted[a])
+    out[1:] = out[1:] + writes.get("ple_out", zero)
+    return out
+
+
+def replay_readout(model: nn.Module, kept: dict, stack: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """The pre-soft-cap target (direction [V]) of a part of the last stack, per readout stream: [S,B,T]."""
+    lm = _text(model)
+    real = kept[("output", lm.config.num_hidden_layers - 1)]
+    target_rms = real[0].pow(2).mean(-1, keepdim=True).sqrt()
+    parts = [stack[0]]
+    for k in range(1, stack.shape[0]):
+        projection = lm.altup_unembed_projections[k - 1]
+        real_projected = projection(real[k])
+        factor = target_rms / real_projected.pow(2).mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
+        parts.append(factor * (stack[k] @ projection.weight.float().T))
+    scale = _rms(kept[("merged", None)], lm.norm.eps) * lm.norm.weight.float()
+    unembed = direction.float() @ model.lm_head.weight.float()                # [D]
+    return torch.stack([(part / stack.shape[0] * scale * unembed).sum(-1) for part in parts])
+
+
+def replay_components(model: nn.Module, ids: torch.Tensor, direction: torch.Tensor) -> dict:
+    """Every component's contribution per readout stream ([S,B,T]), by pushing its write forward through
+    every later frozen layer; also the replayed stacks and per-head contributions of each attn_out."""
+    lm = _text(model)
+    kept = frozen_forward_capture(model, ids)
+    layers = lm.config.num_hidden_layers
+    zero_stack = torch.zeros_like(kept[("input", 0)])
+
+    def push(stack, start, writes):
+        with torch.no_grad():
+            for j in range(start, layers):
+                stack = replay_layer(lm.layers[j], kept, j, stack, writes if j == start else {})
+            return replay_readout(model, kept, stack, direction)
+
+    result = {"embed": push(kept[("input", 0)], 0, {})}
+    heads = {}
+    for i, layer in enumerate(lm.layers):
+        for name in ("attn_out", "laurel_branch", "mlp_out", "ple_out"):
+            result[f"layers.{i}.{name}"] = push(zero_stack, i, {name: kept[(name, i)]})
+        norm, o_proj = layer.post_attention_layernorm, layer.self_attn.o_proj
+        scale = _rms(kept[("attn_pre", i)], norm.eps) * norm.weight.float()
+        z = kept[("z", i)].unflatten(-1, (layer.self_attn.config.num_attention_heads, -1))
+        weight = o_proj.weight.float().unflatten(-1, z.shape[-2:])           # [D, H, Dh]
+        heads[i] = torch.stack([push(zero_stack, i, {"attn_out": scale * (z[..., h, :] @ weight[:, h].T)}).sum(0)
+                                for h in range(z.shape[-2])])
+    stacks, stack = [], kept[("input", 0)]
+    with torch.no_grad():
+        for j in range(layers):
+            writes = {name: kept[(name, j)] for name in ("attn_out", "laurel_branch", "mlp_out", "ple_out")}
+            stack = replay_layer(lm.layers[j], kept, j, stack, writes)
+            stacks.append(stack)
+    return {"components": result, "heads": heads, "stacks": stacks, "kept": kept}

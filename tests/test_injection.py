@@ -20,7 +20,7 @@ from transformers.models.gemma3n import modeling_gemma3n
 
 import g3n_probe as g3n
 from g3n_probe.points import POINTS, HookPoint, InjectionError, InputOf, LAYER, Point
-from reference import build_stock, capture, stock_forward
+from reference import build_stock, capture, exists_at, stock_forward
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_no_process_wide_state(stock_eager_copy, ids, tiny_dir):
 
 GRAD_LAYERS = (0, 3, 4, 5)  # sparse sliding, KV store (sliding), KV reuse (sliding), KV reuse (full)
 GRAD_CASES = [(p.name, None) for p in POINTS if p.scope != LAYER] + [
-    (p.name, layer) for p in POINTS if p.scope == LAYER for layer in GRAD_LAYERS]
+    (p.name, layer) for p in POINTS if p.scope == LAYER for layer in GRAD_LAYERS if exists_at(p.name, layer)]
 
 
 def _stock_gradient(stock_model: nn.Module, ids: torch.Tensor, name: str, layer: int | None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -30,3 +31,31 @@ def test_reuse_layers_have_no_kv_projections(probe):
     layers = probe._module.model.language_model.layers
     for i, mode in enumerate(probe.text_config.kv_sharing_modes):
         assert hasattr(layers[i].self_attn, "k_proj") == (mode != "reuse")
+
+
+def test_attn_k_and_v_on_reuse_layers_name_the_store_layer(probe, ids):
+    from reference import TINY_KV_REUSE
+
+    modes = probe.text_config.kv_sharing_modes
+    assert tuple(i for i, mode in enumerate(modes) if mode == "reuse") == TINY_KV_REUSE
+    for layer, store in ((4, 3), (5, 2)):
+        for name in ("attn_k", "attn_v"):
+            with pytest.raises(ValueError, match=rf"layer {layer} is a KV-reuse layer .* store layer {store} "
+                                                 rf"\(read layers\.{store}\.{name}\)"):
+                with probe.trace(ids):
+                    getattr(probe.layers[layer], name).output.save()
+    with probe.trace(ids):   # and the model is fine afterwards: the store layer's keys are there
+        keys = probe.layers[3].attn_k.output.save()
+    assert keys.shape == (1, ids.shape[1], probe.text_config.num_key_value_heads, probe.text_config.head_dim)
+
+
+def test_a_key_write_through_attn_k_equals_the_stock_hook_edit(probe, stock, ids):
+    """attn_k of store layer 3, halved: the reuse layer 4 reads the same edited keys (plain-hook reference)."""
+    from reference import edited, stock_forward
+
+    with torch.no_grad(), probe.trace(ids):
+        probe.layers[3].attn_k.output[:] = probe.layers[3].attn_k.output * 0.5
+        logits = probe.logits.output.save()
+    with edited(stock, "attn_k", 3, lambda k: k * 0.5), torch.no_grad():
+        expected = stock_forward(stock, ids).logits
+    assert torch.equal(logits, expected)

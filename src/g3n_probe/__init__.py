@@ -13,6 +13,7 @@ from .activations import ActivationCache
 from .audit import AuditReport, audit
 from .checkpoint import CheckpointError
 from .dataset import cache_dataset
+from .decompose import Decomposition, decompose
 from .loading import LoadReport, load
 from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
 from .probe import Gemma3nProbe
@@ -25,6 +26,8 @@ __all__ = [
     "AuditReport",
     "audit",
     "cache_dataset",
+    "Decomposition",
+    "decompose",
     "hub",
     "matformer",
     "patching",

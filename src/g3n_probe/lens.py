@@ -18,14 +18,22 @@ import torch
 from .arch import text_model
 
 
-def _merge_streams(language_model: Any, stack: torch.Tensor) -> torch.Tensor:
-    """[S,B,T,D] -> [B,T,D] exactly as ``Gemma3nTextModel.forward`` merges after its last layer."""
+def stream_magnitudes(language_model: Any, stack: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The readout's rescale, as ``Gemma3nTextModel.forward`` computes it after its last layer: stream 0's
+    RMS, and for each stream 1..S-1 its unembed projection and that projection's RMS (clamped)."""
     target_magnitude = torch.mean(stack[0] ** 2, dim=-1, keepdim=True) ** 0.5
-    streams = [stack[0]]
+    projections = []
     for i in range(1, stack.shape[0]):
         projected = language_model.altup_unembed_projections[i - 1](stack[i]).to(dtype=stack.dtype)
         magnitude = torch.sqrt(torch.mean(projected**2, dim=-1, keepdim=True).clamp(min=1e-5))
-        streams.append(projected * target_magnitude / magnitude)
+        projections.append((projected, magnitude))
+    return target_magnitude, projections
+
+
+def _merge_streams(language_model: Any, stack: torch.Tensor) -> torch.Tensor:
+    """[S,B,T,D] -> [B,T,D] exactly as ``Gemma3nTextModel.forward`` merges after its last layer."""
+    target_magnitude, projections = stream_magnitudes(language_model, stack)
+    streams = [stack[0]] + [projected * target_magnitude / magnitude for projected, magnitude in projections]
     return torch.mean(torch.stack(streams), dim=0)
 
 

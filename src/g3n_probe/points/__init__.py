@@ -15,14 +15,18 @@ from .injection import Injection, InjectionError, inject
 from .methods import MethodRoute, method_route
 from .routes import (
     InputOf,
+    KeyValueOutputOf,
     LayerArgument,
     LayerStack,
     MethodResult,
     ModuleItself,
+    Offset,
     OutputOf,
     RootOutput,
     Route,
     SplitLast,
+    SquareTransposed,
+    View,
     rekeep_arguments,
 )
 from .attention import AttentionWeights
@@ -49,7 +53,7 @@ from .table import (
 __all__ = [
     "AFTER_LAYERS", "BEFORE_LAYERS", "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS",
     "STACK_ROWS", "TABLE", "AttentionWeights", "HookPoint", "Injection", "InjectionError", "InputOf",
-    "LayerArgument", "LayerStack", "MethodResult", "MethodRoute", "ModuleItself", "OutputOf", "Point",
+    "KeyValueOutputOf", "LayerArgument", "LayerStack", "Offset", "SquareTransposed", "View", "MethodResult", "MethodRoute", "ModuleItself", "OutputOf", "Point",
     "PointWriteError", "RootOutput", "Route", "SplitLast", "StreamBatcher", "batch_dim", "check_write",
     "concrete_shape", "execution_rank", "in_execution_order", "inject", "listing", "mark_stack",
     "markdown_table", "method_route", "rekeep_arguments", "serve",

@@ -40,7 +40,7 @@ class AttentionWeights(Route):
     path: str
     needs = "eager"
 
-    def unavailable(self, config: Any, name: str) -> str | None:
+    def unavailable(self, config: Any, name: str, layer: int | None = None) -> str | None:
         implementation = attention_implementation(config)
         if implementation == "eager":
             return None

@@ -54,7 +54,7 @@ class HookPoint(nn.Module):
 
     def unavailable(self) -> str | None:
         """None when the point fires in this model now; otherwise why it does not."""
-        return self.point.route.unavailable(self.text_config, self.qualified_name)
+        return self.point.route.unavailable(self.text_config, self.qualified_name, self.layer)
 
     def reset(self) -> None:
         self.pending = None

@@ -58,12 +58,12 @@ class Injection:
     def text_model(self) -> nn.Module:
         return self.root.get_submodule(self.text_path) if self.text_path else self.root
 
-    def unavailable(self, point: Point) -> str | None:
+    def unavailable(self, point: Point, layer: int | None = None) -> str | None:
         """Why ``point`` never fires in this model now (``attn_pattern`` under sdpa, ``logits`` on a
-        base model), or None when it does."""
+        base model, ``attn_k`` on a KV-reuse ``layer``), or None when it does (at ``layer``, if given)."""
         if point.name in self.absent:
             return self.absent[point.name]
-        return point.route.unavailable(self.text_model.config, point.name)
+        return point.route.unavailable(self.text_model.config, point.qualified(layer), layer)
 
     def explain_out_of_order(self, error: Exception) -> Exception:
         """``error`` with the tensor ids nnsight names ``.grad`` locations by replaced by point names."""

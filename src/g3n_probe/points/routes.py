@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import child_modules, is_traced
+from .. import arch
+from .._compat import child_modules, is_traced, tensor_version
 from .hookpoint import HookPoint, serve
 from .methods import MethodRoute, method_route
 from .stacks import check_write, mark_stack
@@ -49,30 +50,71 @@ class Route:
     def applies(self, root: nn.Module) -> str | None:
         return None  # None: the row exists in this kind of model; otherwise why not
 
-    def unavailable(self, config: Any, name: str) -> str | None:
-        return None  # None: the point fires now; otherwise why not
+    def unavailable(self, config: Any, name: str, layer: int | None = None) -> str | None:
+        return None  # None: the point fires now (at ``layer``, for per-layer rows); otherwise why not
 
     def read(self, owner: Any, name: str) -> Any:
         """The value inside a trace, from the envoy of the row's scope."""
         return getattr(owner, name).output
 
 
-@dataclass(frozen=True)
-class SplitLast:
-    """Show the last dimension as ``(config.<count>, rest)``: per-head or per-layer views.
+class View:
+    """How a point shows a stock tensor: ``split`` makes the served value, ``merge`` turns what came back
+    into what the stock forward continues with. ``written`` says whether the point's value was replaced
+    or edited in place; unwritten, ``merge`` must give back the original's exact bits, and the served
+    value must stay on the gradient's path (so ``.grad`` on the point fires)."""
 
-    The point hands out the split view and the stock forward continues with the merged result of
-    what comes back, so the served tensor is on the gradient's path (``.grad`` works on it).
-    """
+    def split(self, tensor: torch.Tensor, config: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, result: torch.Tensor, original: torch.Tensor, written: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SplitLast(View):
+    """Show the last dimension as ``(config.<count>, rest)``: per-head or per-layer views."""
 
     count: str  # a text-config attribute: num_attention_heads, num_hidden_layers
 
     def split(self, tensor: torch.Tensor, config: Any) -> torch.Tensor:
         return tensor.unflatten(-1, (getattr(config, self.count), -1))
 
-    @staticmethod
-    def merge(tensor: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(original.shape)
+    def merge(self, result: torch.Tensor, original: torch.Tensor, written: bool) -> torch.Tensor:
+        return result.reshape(original.shape)
+
+
+@dataclass(frozen=True)
+class SquareTransposed(View):
+    """Show the last dimension (S·S) as the S×S matrix a stock method applies, transposed as it
+    transposes it (AltUp predict: ``reshape(..., S, S).permute(0, 1, 3, 2)``)."""
+
+    count: str  # a text-config attribute: altup_num_inputs
+
+    def split(self, tensor: torch.Tensor, config: Any) -> torch.Tensor:
+        size = getattr(config, self.count)
+        return tensor.unflatten(-1, (size, size)).transpose(-1, -2)
+
+    def merge(self, result: torch.Tensor, original: torch.Tensor, written: bool) -> torch.Tensor:
+        return result.transpose(-1, -2).reshape(original.shape)
+
+
+@dataclass(frozen=True)
+class Offset(View):
+    """Show ``tensor + amount``, as the stock code adds it inline right after the module (AltUp correct's
+    ``correction_coefs(...) + 1.0``). A write ``w`` reaches the model as ``(w - amount) + amount``, which
+    is ``w`` exactly for ``w`` within a factor of 2 of ``amount`` (Sterbenz) and to rounding elsewhere."""
+
+    amount: float
+
+    def split(self, tensor: torch.Tensor, config: Any) -> torch.Tensor:
+        return tensor + self.amount
+
+    def merge(self, result: torch.Tensor, original: torch.Tensor, written: bool) -> torch.Tensor:
+        if written:
+            return result - self.amount
+        # The original's bits, with the served value on the gradient's path (adds an exact zero).
+        return original.detach() + (result - result.detach()) if result.requires_grad else original
 
 
 # ---- a module's output -----------------------------------------------------------------------------
@@ -80,21 +122,47 @@ class SplitLast:
 @dataclass(frozen=True)
 class OutputOf(Route):
     path: str
-    view: SplitLast | None = None
+    view: View | None = None
 
     def attach(self, scope: nn.Module, point: HookPoint, injection: Any) -> list:
         module = scope.get_submodule(self.path)
         return [module.register_forward_hook(functools.partial(_route_output, point, self.view))]
 
 
-def _route_output(point: HookPoint, view: SplitLast | None, module: nn.Module, args: Any, output: Any) -> Any:
+def _route_output(point: HookPoint, view: View | None, module: nn.Module, args: Any, output: Any) -> Any:
     if not point.observed():
         return None
-    value = view.split(output, point.text_config) if view else output
+    if view is None:
+        result = serve(point, output)
+        return None if result is output else result
+    return _through_view(point, view, output)
+
+
+def _through_view(point: HookPoint, view: View, original: torch.Tensor) -> torch.Tensor:
+    """Serve ``view.split(original)``; what the stock forward continues with (the served view stays on
+    the gradient's path)."""
+    value = view.split(original, point.text_config)
+    version = tensor_version(value)
     result = serve(point, value)
-    if view is not None:
-        return view.merge(result, output)  # the served view stays on the gradient's path
-    return None if result is value else result
+    return view.merge(result, original, written=result is not value or tensor_version(value) != version)
+
+
+@dataclass(frozen=True)
+class KeyValueOutputOf(OutputOf):
+    """The output of a key/value module of the attention (``self_attn.k_norm``). KV-reuse layers have
+    none: they read the keys and values of an earlier 'store' layer, which the point's error names."""
+
+    def attach(self, scope: nn.Module, point: HookPoint, injection: Any) -> list:
+        if scope.layer_idx in arch.kv_sources(point.text_config):
+            return []   # the module does not exist here; `unavailable` says where the values come from
+        return super().attach(scope, point, injection)
+
+    def unavailable(self, config: Any, name: str, layer: int | None = None) -> str | None:
+        source = arch.kv_sources(config).get(layer) if layer is not None else None
+        if source is None:
+            return None
+        return (f"{name} does not exist: layer {layer} is a KV-reuse layer and computes no keys or values; it "
+                f"reads those of store layer {source} (read layers.{source}.{name.rpartition('.')[2]})")
 
 
 # ---- a module's input ------------------------------------------------------------------------------
@@ -107,7 +175,7 @@ class InputOf(Route):
     so an in-place write never changes the caller's tensor."""
 
     path: str
-    view: SplitLast | None = None
+    view: View | None = None
     in_place: bool = False
     private_copy_of: str | None = None
 
@@ -126,15 +194,14 @@ class InputOf(Route):
         return handles
 
 
-def _route_input(point: HookPoint, view: SplitLast | None, module: nn.Module, args: tuple) -> tuple | None:
+def _route_input(point: HookPoint, view: View | None, module: nn.Module, args: tuple) -> tuple | None:
     if not point.observed():
         return None
     original = args[0]
-    value = view.split(original, point.text_config) if view else original
-    result = serve(point, value)
     if view is not None:
-        return (view.merge(result, original), *args[1:])
-    return None if result is value else (result, *args[1:])
+        return (_through_view(point, view, original), *args[1:])
+    result = serve(point, original)
+    return None if result is original else (result, *args[1:])
 
 
 def _route_input_in_place(point: HookPoint, module: nn.Module, args: tuple) -> None:
