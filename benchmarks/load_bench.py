@@ -54,7 +54,8 @@ _CHILD = textwrap.dedent(
         model = g3n_probe.load(ckpt, device="cpu", dtype=dtype)
         module, tensors = model._module, model.load_report.tensors_read
     elif mode == "g3n-accelerator-stand-in":
-        from g3n_probe.loading import Staging, load_text_model
+        from g3n_probe.loading import load_text_model
+        from g3n_probe.staging import Staging
         module, report = load_text_model(ckpt, dtype=dtype, ple_device="cpu", staging=Staging("meta"))
         tensors = report.tensors_read
     else:

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=None)
     args = parser.parse_args()
-    from g3n_probe.bench import measure_patching
+    from g3n_probe.gpu_check import measure_patching
     from g3n_probe.probe import Gemma3nProbe
     from g3n_probe.synthetic import build_tokenizer, random_model
 

@@ -11,7 +11,7 @@ GIB = 1024**3
 
 
 def _results(injected_ratio: float, saved_ratio: float, host_ratio: float, peak_gib: float,
-             host_rss_gib: float = 4.0, patching_speedup: float = 12.0) -> dict:
+             host_rss_gib: float = 4.0, patching_speedup: float = 12.0, decompose_ratio: float = 2.0) -> dict:
     def shape(seconds, trace_all=None, peak=None):
         entry = {"forward_seconds": seconds, "forward_peak_device_bytes": None}
         if trace_all is not None:
@@ -28,21 +28,22 @@ def _results(injected_ratio: float, saved_ratio: float, host_ratio: float, peak_
                                       "1x2048": shape(1.0, 1.0, peak_gib * GIB)}},
     }, "load": {"load_to_first_trace_seconds": 30.0, "text_bytes_read_seconds": 10.0,
                 "host_rss_added_bytes": host_rss_gib * GIB, "host_table_bytes": 3.75 * GIB},
-        "patching": {"speedup": patching_speedup, "chunk": 64, "tokens": 128}}
+        "patching": {"speedup": patching_speedup, "chunk": 64, "tokens": 128},
+        "decompose": {"time_ratio": decompose_ratio, "tokens": 512}}
 
 
 def test_every_target_is_evaluated_and_passes_when_met():
-    rows = check_targets(_results(1.01, 1.08, 1.04, 5.5, host_rss_gib=4.6, patching_speedup=10.5))
+    rows = check_targets(_results(1.01, 1.08, 1.04, 5.5, host_rss_gib=4.6, patching_speedup=10.5, decompose_ratio=2.9))
     targets = {row["target"] for row in rows}
-    assert targets == {"G1", "G2", "G3", "G4", "G5", "G6"}
+    assert targets == {"G1", "G2", "G3", "G4", "G5", "G6", "G7"}
     assert all(row["ok"] in (True, None) for row in rows)
     assert sum(row["target"] == "G3" for row in rows) == 4 and sum(row["target"] == "G4" for row in rows) == 2
 
 
 def test_missed_targets_are_flagged():
-    rows = check_targets(_results(1.03, 1.12, 1.06, 6.5, host_rss_gib=4.9, patching_speedup=9.0))
+    rows = check_targets(_results(1.03, 1.12, 1.06, 6.5, host_rss_gib=4.9, patching_speedup=9.0, decompose_ratio=3.1))
     missed = {row["target"] for row in rows if row["ok"] is False}
-    assert missed == {"G2", "G3", "G4", "G5", "G6"}
+    assert missed == {"G2", "G3", "G4", "G5", "G6", "G7"}
     assert "≥ 10 ×" in check_markdown(rows, "test")
 
 
@@ -51,6 +52,16 @@ def test_the_check_runs_end_to_end_on_cpu(tmp_path, capsys):
                  "--leak-traces", "0", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "gpu_check_cpu_tiny.json").read_text())
     rows = report["targets"]
-    assert {row["target"] for row in rows} >= {"G3", "G4", "G5", "G6"}
+    assert {row["target"] for row in rows} >= {"G3", "G4", "G5", "G6", "G7"}
     assert code == (1 if any(row["ok"] is False for row in rows) else 0)  # CPU timings decide, loudly either way
     assert (tmp_path / "gpu_check_cpu_tiny.md").read_text().startswith("GPU check on CPU")
+
+
+def test_the_readme_lists_every_target():
+    from pathlib import Path
+
+    from g3n_probe.gpu_check import TARGETS, targets_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert targets_markdown() in readme
+    assert {t.name for t in TARGETS} == {f"G{i}" for i in range(1, 8)}

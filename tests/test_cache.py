@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 import subprocess
 import sys
@@ -260,3 +261,157 @@ def test_positions_that_are_padding_in_some_row_warn(probe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         probe.cache(["def f(x):\n    return x", "import os"], ["layers.0.ple_out"], positions=[-1], verbose=False)
+
+
+# ---- shards are bound to their run; the weights digest is a real hash -------------------------------------
+
+
+def test_weights_digest_is_sha256_of_every_byte_in_any_layout():
+    import hashlib
+
+    from g3n_probe.dataset import weights_digest
+
+    values = torch.arange(6, dtype=torch.float32).reshape(2, 3) - 2.5
+    contiguous, strided = torch.nn.Module(), torch.nn.Module()
+    contiguous.w = torch.nn.Parameter(values.clone())
+    strided.w = torch.nn.Parameter(values.t().contiguous().t())  # the same values, column-major in memory
+    for module in (contiguous, strided):
+        module.register_buffer("steps", torch.tensor([1, -2], dtype=torch.int16))
+    assert not strided.w.is_contiguous()
+    expected = hashlib.sha256(b"w|torch.float32|(2, 3)|" + values.numpy().tobytes() + b";"
+                              + b"steps|torch.int16|(2,)|" + torch.tensor([1, -2], dtype=torch.int16).numpy().tobytes()
+                              + b";").hexdigest()
+    assert weights_digest(contiguous) == expected
+    assert weights_digest(strided, piece_bytes=5) == expected  # streamed 5 bytes at a time, a row at a time
+
+
+def test_accelerator_tensors_stream_through_two_bounded_host_buffers():
+    """The staging path an accelerator tensor takes (pinned buffers and events under CUDA), run here on
+    host pieces: the buffers alternate, stay at their bound, and the bytes hashed are every byte in order."""
+    import hashlib
+
+    from g3n_probe.dataset import _byte_pieces, _HostStaging
+
+    values = torch.randn(7, 13, generator=torch.Generator().manual_seed(0)).t()  # non-contiguous, 364 bytes
+    staging, digest = _HostStaging(piece_bytes=24), hashlib.sha256()
+    staging.hash(digest, torch.device("xpu"), _byte_pieces(values, 24))  # not CUDA: plain buffers, copies in order
+    assert digest.hexdigest() == hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
+    assert [b.numel() for b in staging.buffers[torch.device("xpu")]] == [24, 24]
+
+
+def _flip_two_signs(module):
+    """Flip the sign of one positive and one negative weight at odd indices: the old sum-of-words checksum's blind spot."""
+    weight = module.model.language_model.layers[5].mlp.down_proj.weight
+    flat = weight.detach().view(-1)
+    odd = torch.arange(flat.numel()) % 2 == 1
+    positive = int(((flat > 0) & odd).nonzero()[0])
+    negative = int(((flat < 0) & odd).nonzero()[0])
+    with torch.no_grad():
+        flat[[positive, negative]] *= -1
+
+
+def test_weights_digest_sees_two_flipped_signs(probe, tiny_dir, tmp_path):
+    from g3n_probe.dataset import weights_digest
+
+    other = g3n.load(tiny_dir)
+    assert weights_digest(other.hf_model) == weights_digest(probe.hf_model)
+    _flip_two_signs(other._module)
+    assert weights_digest(other.hf_model) != weights_digest(probe.hf_model)
+    out = tmp_path / "acts"
+    _run(probe, out)
+    with pytest.raises(ValueError, match="the model's weights differ"):
+        _run(other, out)
+
+
+def test_the_attention_implementation_is_part_of_the_identity(probe, probe_eager, tmp_path):
+    from g3n_probe.dataset import run_identity
+
+    mine, eager = (run_identity(m, TEXTS, ["layers.1.ple_out"], 3, None, torch.float32) for m in (probe, probe_eager))
+    assert (mine["attention"], eager["attention"]) == ("sdpa", "eager")
+    assert {k for k in mine if mine[k] != eager[k]} == {"attention"}
+    out = tmp_path / "acts"
+    _run(probe, out)
+    with pytest.raises(ValueError, match="the attention implementation differ"):
+        _run(probe_eager, out)
+
+
+def _contents(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_shards_without_a_manifest_are_never_adopted(probe, tiny_dir, tmp_path, monkeypatch):
+    from g3n_probe import dataset as cache_module
+
+    out = tmp_path / "acts"
+    paths = _run(probe, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(json.loads(p.with_name(p.name + ".json").read_text())["run"] == manifest["run"] for p in paths)
+    (out / "manifest.json").unlink()
+    before = _contents(out)
+    other = g3n.load(tiny_dir)
+    _flip_two_signs(other._module)
+    with pytest.raises(ValueError, match=r"holds shards but no manifest.json, and they are not this run's: "
+                                         r"shard-000000.safetensors \(made by another run\)"):
+        _run(other, out)
+    assert _contents(out) == before, "a refused run writes and removes nothing"
+
+    calls = []
+    real = cache_module.collect
+    monkeypatch.setattr(cache_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(probe, out)  # the same run: every record names it, so each shard is verified and kept
+    assert calls == [] and json.loads((out / "manifest.json").read_text()) == manifest
+
+    (out / "manifest.json").unlink()
+    paths[2].with_name(paths[2].name + ".json").unlink()
+    with pytest.raises(ValueError, match=r"shard-000002.safetensors \(no readable record\)"):
+        _run(probe, out)
+
+
+@pytest.mark.parametrize("case", ["swapped with their records", "copied from a run on other texts",
+                                  "record names another index", "record names other texts"])
+def test_a_shard_bound_to_another_run_index_or_texts_is_recomputed(probe, tmp_path, case):
+    reference = _run(probe, tmp_path / "reference")
+    out = tmp_path / "acts"
+    paths = _run(probe, out)
+    records = [p.with_name(p.name + ".json") for p in paths]
+    if case == "swapped with their records":
+        for a, b in ((paths[0], paths[1]), (records[0], records[1])):
+            data_a, data_b = a.read_bytes(), b.read_bytes()
+            a.write_bytes(data_b)
+            b.write_bytes(data_a)
+        expected = [(paths[0].name, "is shard 1 by its record"), (paths[1].name, "is shard 0 by its record")]
+    elif case == "copied from a run on other texts":
+        others = _run(probe, tmp_path / "others", texts=TEXTS[::-1])
+        paths[1].write_bytes(others[1].read_bytes())
+        records[1].write_bytes(others[1].with_name(others[1].name + ".json").read_bytes())
+        expected = [(paths[1].name, "was made by another run")]
+    else:
+        record = json.loads(records[1].read_text())
+        record.update({"shard": 2} if case == "record names another index" else {"texts": [0, 3]})
+        records[1].write_text(json.dumps(record))
+        expected = [(paths[1].name, "is shard 2 by its record" if "index" in case else r"holds texts \[0, 3\]")]
+    with pytest.warns(UserWarning) as caught:
+        _run(probe, out)
+    messages = [str(w.message) for w in caught]
+    for name, why in expected:
+        assert any(re.match(rf"{name} {why}.*recomputing it", m) for m in messages), (name, messages)
+    assert len(messages) == len(expected)
+    for ours, theirs in zip(paths, reference):
+        mine, want = load_file(str(ours)), load_file(str(theirs))
+        assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in mine), ours.name
+
+
+def test_positions_are_checked_against_every_shard_before_any_file_is_written(probe, tmp_path):
+    lengths = [len(ids) for ids in probe.tokenizer(TEXTS)["input_ids"]]
+    assert [max(lengths[i:i + 3]) for i in range(0, len(TEXTS), 3)] == [23, 19, 18]
+    out = tmp_path / "acts"
+    for bad in (20, -19):  # valid in shard 0, not in the later, shorter ones
+        with pytest.raises(ValueError, match=rf"positions \[{bad}\] fall outside shard 2 \(texts 6..6, 18 tokens"
+                                             r".*\[-18, 18\)"):
+            _run(probe, out, positions=[0, bad])
+        assert not out.exists()
+    with pytest.warns(UserWarning, match="is padding"):  # the bounds themselves are accepted
+        paths = _run(probe, out, positions=[17, -18])
+    assert load_file(str(paths[2]))["layers.1.ple_out"].shape[1] == 2

@@ -50,6 +50,8 @@ class DecompositionTable:
         console.print(self)
         return console.export_text()
 
+    __repr__ = __str__
+
     def _repr_html_(self) -> str:
         rows = []
         for column in range(len(self.positions)):

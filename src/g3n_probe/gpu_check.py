@@ -23,7 +23,15 @@ import torch
 
 from . import arch, patching
 from .bench import rss, sync
-from .checkpoint import by_file, is_text_key, read_exactly, tensor_bytes, tensor_offsets, weight_map
+from .checkpoint import (
+    by_file,
+    is_text_key,
+    read_exactly,
+    tensor_bytes,
+    tensor_offsets,
+    weight_map,
+)
+from .decompose import decompose
 from .loading import load
 from .points import POINTS
 from .probe import Gemma3nProbe
@@ -60,7 +68,8 @@ LOAD_TIME = Target("G5", "g3n.load call to the first finished trace", None, "s")
 READ_TIME = Target("G5", "reading the text tensors' bytes alone", None, "s")
 LOAD_MEMORY = Target("G5", "host memory the load added (peak RSS − RSS before) / (per-layer table + 1 GiB)", 1.0, "×")
 SWEEP = Target("G6", "patches/s, patching sweep / one trace per patch", 10.0, "×", at_least=True)
-TARGETS = (RESIDENT, PEAK, INJECTED, ALL_SAVED, HOST_TABLE, LOAD_TIME, READ_TIME, LOAD_MEMORY, SWEEP)
+DECOMPOSE = Target("G7", "g3n.decompose of a logit difference at every position / a traced forward, time", 3.0, "×")
+TARGETS = (RESIDENT, PEAK, INJECTED, ALL_SAVED, HOST_TABLE, LOAD_TIME, READ_TIME, LOAD_MEMORY, SWEEP, DECOMPOSE)
 
 
 def targets_markdown() -> str:
@@ -95,15 +104,18 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
     if "patching" in results:
         figures = results["patching"]
         rows.append(SWEEP.judge(figures["speedup"], f"{figures['chunk']} per forward, B1×T{figures['tokens']}"))
+    if "decompose" in results:
+        figures = results["decompose"]
+        rows.append(DECOMPOSE.judge(figures["time_ratio"], f"B1×T{figures['tokens']}"))
     if "host_rss_added_bytes" in load_figures:
         rows.append(LOAD_MEMORY.judge(load_figures["host_rss_added_bytes"] / (load_figures["host_table_bytes"] + GIB)))
     return rows
 
 
-class _PeakRSS:
+class PeakRSS:
     """The highest RSS seen while the block runs, sampled every 5 ms from another thread (Linux)."""
 
-    def __enter__(self) -> _PeakRSS:
+    def __enter__(self) -> PeakRSS:
         self.before = self.peak = rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -149,7 +161,7 @@ def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
             os.close(fd)
     read_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    with _PeakRSS() as rss:
+    with PeakRSS() as rss:
         model = load(checkpoint, device=device)
     table = arch.per_layer_table(model.hf_model).weight
     table_bytes = table.numel() * table.element_size() if table.device.type == "cpu" else 0
@@ -210,6 +222,41 @@ def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | No
     return results
 
 
+def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, int]:
+    """(median seconds, 0): the plain timing `measure_decompose` uses when no memory measure is given."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], 0
+
+
+def measure_decompose(model: Any, tokens: int, repeats: int, measure: Callable | None = None) -> dict[str, Any]:
+    """G7: `decompose.decompose` of a logit difference at every position of a random B1×T prompt against
+    one trace saving the logits, on the same model; ``measure(fn, device, repeats)`` -> (seconds, peak
+    bytes) may add a memory figure (benchmarks/decompose_bench.py does)."""
+    measure = measure or _median_seconds
+    vocab = model.text_config.vocab_size_per_layer_input
+    ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    device = next(model.hf_model.parameters()).device
+
+    def trace() -> None:
+        with torch.no_grad(), model.trace(ids):
+            model.logits.output.save()
+
+    result = {}
+    for way, fn in (("trace", trace), ("decompose", lambda: decompose(model, ids, (7, 8)))):
+        seconds, peak = measure(fn, device, repeats)
+        result[way] = {"seconds": seconds, "peak_bytes": peak}
+    result.update(tokens=tokens, components=1 + 4 * model.text_config.num_hidden_layers,
+                  time_ratio=result["decompose"]["seconds"] / result["trace"]["seconds"],
+                  memory_ratio=result["decompose"]["peak_bytes"] / max(result["trace"]["peak_bytes"], 1))
+    return result
+
+
 def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:
     lines = [f"GPU check on {device_name}", "", "| target | what | measured | limit | |", "|---|---|---|---|---|"]
     for row in rows:
@@ -221,7 +268,7 @@ def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:
 
 def run_gpu_check(preset: str, device: str, out: Path, results: dict, print_fn: Callable = print) -> list[str]:
     """The rest of the GPU check on top of `bench.run_bench`'s ``results``: writes the synthetic checkpoint
-    and measures G5 on it, measures G6, evaluates every target, writes gpu_check_<device>_<preset>.{json,md};
+    and measures G5 on it, measures G6 and G7, evaluates every target, writes gpu_check_<device>_<preset>.{json,md};
     returns the missed targets (empty: all met)."""
     scratch = Path(tempfile.mkdtemp(prefix="g3n_gpu_check_"))
     try:
@@ -234,10 +281,12 @@ def run_gpu_check(preset: str, device: str, out: Path, results: dict, print_fn: 
     module = random_model(preset, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32)
     layers = module.config.get_text_config().num_hidden_layers
     # Two layers × every position keeps the one-trace-per-patch side to a few hundred traces.
-    results["patching"] = measure_patching(Gemma3nProbe(module, tokenizer=build_tokenizer(module.config)),
-                                           tokens=128 if on_gpu else 16, chunk=64 if on_gpu else 32,
+    probe = Gemma3nProbe(module, tokenizer=build_tokenizer(module.config))
+    results["patching"] = measure_patching(probe, tokens=128 if on_gpu else 16, chunk=64 if on_gpu else 32,
                                            layers=[layers // 3, 2 * layers // 3])
-    del module
+    print_fn("decompose: g3n.decompose vs a traced forward ...")
+    results["decompose"] = measure_decompose(probe, tokens=512 if on_gpu else 64, repeats=3)
+    del module, probe
     rows = check_targets(results)
     text = check_markdown(rows, results["device"])
     print_fn(text)
