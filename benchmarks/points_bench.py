@@ -1,13 +1,18 @@
 """Cost of the intervention points: stock forward vs the probe, measured side by side in one run.
 
-Modes, each the median of ``--repeats`` timed runs after warm-up (CUDA synchronised):
+Modes, timed in interleaved rounds (stock, injected, trace, every point, stock, …) so drift hits all
+alike; each figure is the median over the rounds, as a ratio to the stock forward of the same process:
 
 * ``stock``            the stock model, plain call (a separate copy with no points injected);
 * ``injected``         the injected model, plain call, outside any trace (always-on hooks only);
-* ``trace``            ``with model.trace(ids)`` saving only the logits;
-* ``trace_all_saved``  a trace saving every point of every layer (and the layer stacks).
+* ``trace``            ``with model.trace(ids)`` saving nothing;
+* ``trace_all_saved``  a trace saving every point of every layer and the layer stacks (sdpa: no pattern).
 
-    python benchmarks/points_bench.py                                # CPU: tiny and a mid-size config
+Minor page faults per forward (``getrusage``) show how much fresh memory each mode asks the kernel for.
+
+    python benchmarks/points_bench.py                                # CPU: mid, B1×T32, B4×T128, B8×T256, one
+                                                                     # thread, glibc's default allocator beside
+                                                                     # a raised mmap threshold (two processes)
     python benchmarks/points_bench.py --device cuda --preset e2b     # E2B shapes, B1xT128 and B8xT512
 
 Weights are random (the shapes are what matter for cost). Figures are written to
@@ -19,20 +24,33 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+#: glibc's malloc, told to serve blocks up to 32 MiB from its heap and keep freed memory (what a user can
+#: set in the environment before Python starts; g3n_probe sets nothing process-wide).
+RAISED = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024**2), "MALLOC_TRIM_THRESHOLD_": str(512 * 1024**2)}
+MODES = ("stock", "injected", "trace", "trace_all_saved")
 
 
-def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]],
-          repeats: int, warmup: int) -> list[dict]:
-    from g3n_probe.bench import median_time, trace_every_point
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def bench(preset: str, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]], rounds: int) -> list[dict]:
+    from g3n_probe.bench import sync, trace_every_point
     from g3n_probe.probe import Gemma3nProbe
     from g3n_probe.synthetic import build_tokenizer, random_model
 
-    stock = random_model(config, device=device, dtype=dtype)
+    stock = random_model(preset, device=device, dtype=dtype)
     injected = copy.deepcopy(stock)
     probe = Gemma3nProbe(injected, tokenizer=build_tokenizer(stock.config))
     text = stock.config.get_text_config()
@@ -41,75 +59,83 @@ def bench(label: str, config, device: torch.device, dtype: torch.dtype, shapes: 
         ids = torch.randint(3, text.vocab_size_per_layer_input, (batch, tokens), device=device)
         mask = torch.ones_like(ids)
 
-        def run_stock():
+        def plain(model):
             with torch.no_grad():
-                stock(input_ids=ids, attention_mask=mask, use_cache=False)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-        def run_injected():
-            with torch.no_grad():
-                injected(input_ids=ids, attention_mask=mask, use_cache=False)
+        def trace():
+            with torch.no_grad(), probe.trace(ids):
+                pass
 
-        def run_trace():
-            with torch.no_grad(), probe.trace(ids, use_cache=False):
-                probe.logits.output.save()
-
-        def run_all_saved():
-            trace_every_point(probe, ids)
-
-        times = {}
-        for mode, fn in (("stock", run_stock), ("injected", run_injected), ("trace", run_trace),
-                         ("trace_all_saved", run_all_saved)):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            times[mode], peak = median_time(fn, device, repeats, warmup)
-            if peak is not None:
-                times[f"{mode}_peak_gib"] = peak / 1024**3
-        row = {"model": label, "batch": batch, "tokens": tokens, "seconds": times,
-               "ratios": {m: times[m] / times["stock"] for m in ("injected", "trace", "trace_all_saved")}}
+        runs = {"stock": lambda: plain(stock), "injected": lambda: plain(injected), "trace": trace,
+                "trace_all_saved": lambda: trace_every_point(probe, ids)}
+        seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+        faults: dict[str, list[int]] = {mode: [] for mode in MODES}
+        for round_ in range(rounds + 1):   # round 0 warms up
+            for mode in MODES:
+                before, start = _faults(), time.perf_counter()
+                runs[mode]()
+                sync(device)
+                if round_:
+                    seconds[mode].append(time.perf_counter() - start)
+                    faults[mode].append(_faults() - before)
+        medians = {mode: statistics.median(values) for mode, values in seconds.items()}
+        row = {"model": preset, "batch": batch, "tokens": tokens, "seconds": medians,
+               "ratios": {m: medians[m] / medians["stock"] for m in MODES[1:]},
+               "minor_faults": {m: statistics.median(v) for m, v in faults.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    del probe, injected, stock
     return rows
+
+
+def _table(by_allocator: dict[str, list[dict]]) -> str:
+    lines = ["| allocator | B×T | stock (ms) | injected, no trace | trace saving nothing | every point saved | "
+             "minor faults per forward: stock / injected / trace / all saved |", "|---|---|---|---|---|---|---|"]
+    for allocator, rows in by_allocator.items():
+        for r in rows:
+            f = r["minor_faults"]
+            lines.append(f"| {allocator} | {r['batch']}×{r['tokens']} | {r['seconds']['stock'] * 1e3:.1f} | "
+                         f"{r['ratios']['injected']:.3f}× | {r['ratios']['trace']:.3f}× | {r['ratios']['trace_all_saved']:.3f}× | "
+                         f"{f['stock']:.0f} / {f['injected']:.0f} / {f['trace']:.0f} / {f['trace_all_saved']:.0f} |")
+    return "\n".join(lines)
+
+
+def _child(args: argparse.Namespace, allocator: str) -> list[dict]:
+    """One allocator setting in a fresh process (glibc reads its settings at start)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(RAISED if allocator == "raised" else {})}
+    command = [sys.executable, __file__, "--child", "--preset", args.preset, "--rounds", str(args.rounds)]
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default=None, choices=[None, "tiny", "mid", "e2b", "e4b"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    from g3n_probe.synthetic import preset_config
-
+    if args.child:   # one allocator setting, one thread
+        torch.set_num_threads(1)
+        bench(args.preset, device, torch.float32, [(1, 32), (4, 128), (8, 256)], args.rounds)
+        return
     if device.type == "cuda":
-        presets = [args.preset or "e2b"]
-        shapes = [(1, 128), (8, 512)]
-        dtype = torch.bfloat16
-        repeats = args.repeats or 10
+        args.preset = args.preset or "e2b"
+        by_allocator = {"CUDA caching allocator": bench(args.preset, device, torch.bfloat16, [(1, 128), (8, 512)],
+                                                        args.rounds)}
     else:
-        presets = [args.preset] if args.preset else ["tiny", "mid"]
-        shapes = [(1, 32), (4, 128)]
-        dtype = torch.float32
-        repeats = args.repeats or 10
-    rows = []
-    for preset in presets:
-        config = preset_config(preset)
-        rows += bench(preset, config, device, dtype, shapes, repeats, args.warmup)
-    lines = ["| model | B×T | stock (ms) | injected, no trace | trace | trace, every point saved |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        s = r["seconds"]
-        lines.append(f"| {r['model']} | {r['batch']}×{r['tokens']} | {s['stock'] * 1e3:.2f} | "
-                     f"{r['ratios']['injected']:.3f}× | {r['ratios']['trace']:.3f}× | {r['ratios']['trace_all_saved']:.3f}× |")
-    text = "\n".join(lines)
-    label = f"{device.type}_{'_'.join(presets)}"
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{device_name}, {dtype}\n{text}")
+        args.preset = args.preset or "mid"
+        by_allocator = {"glibc default": _child(args, "default"),
+                        "MALLOC_MMAP_THRESHOLD_=32 MiB, trim 512 MiB": _child(args, "raised")}
+    text = _table(by_allocator)
+    label = f"{device.type}_{args.preset}"
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, one thread"
+    print(f"\n{device_name}, preset {args.preset}\n{text}")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / f"points_{label}.json").write_text(json.dumps({"device": device_name, "dtype": str(dtype), "rows": rows}, indent=2))
-    (out / f"points_{label}.md").write_text(f"{device_name}, {dtype}\n\n{text}\n")
+    (out / f"points_{label}.json").write_text(json.dumps({"device": device_name, "rows": by_allocator}, indent=2))
+    (out / f"points_{label}.md").write_text(f"{device_name}, preset {args.preset}\n\n{text}\n")
 
 
 if __name__ == "__main__":

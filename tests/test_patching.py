@@ -247,3 +247,370 @@ def test_attention_patterns_are_patched_on_their_query_position(probe_eager):
 def test_a_sweep_over_no_layers_is_empty(probe):
     result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, layers=[])
     assert result.forwards == 0 and result.values["resid_mid"].shape == (0, CLEAN.shape[1])
+
+
+# ---- arguments are checked: nothing wraps, repeats or fills NaN silently ----------------------------------
+
+
+@pytest.mark.parametrize("positions,error", [
+    ([7, 100, -100], r"positions \[100, -100\] out of range: the prompts have 9 tokens.*\[-9, 9\)"),
+    ([1, 9], r"positions \[9\] out of range"),
+    ([-10], r"positions \[-10\] out of range"),
+    ([[0, 9]], r"positions \[9\] out of range"),
+    ([[]], "empty position group"),
+    ([1, -8], r"positions \[1, -8\] patch the same token"),
+    ([(1, 2), (2, 1)], "patch the same token"),
+    ([[1, -8]], r"group \[1, -8\] names a position more than once"),
+    ([True], "must be an integer"),
+    ([2.5], "must be an integer"),
+    ([[1, "2"]], "must be an integer"),
+    ("12", "positions must be a list"),
+])
+def test_sweep_positions_are_checked_never_wrapped(probe, positions, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, layers=[1], positions=positions)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(layers=[3, 3]), r"layers \[3\] are listed more than once"),
+    (dict(layers=[1.5]), "a layer must be an integer"),
+    (dict(layers=[True]), "a layer must be an integer"),
+    (dict(points=["resid_mid", "resid_mid"]), r"points \['resid_mid'\] are listed more than once"),
+    (dict(points="resid_mid"), "points must be a list"),
+])
+@pytest.mark.parametrize("analysis", ["sweep", "attribution"])
+def test_layers_and_points_are_listed_once(probe, kwargs, error, analysis):
+    with pytest.raises((TypeError, ValueError), match=error):
+        getattr(g3n.patching, analysis)(probe, CLEAN, CORRUPTED, metric, **kwargs)
+
+
+BAD_METRICS = {
+    "[N*T]": (lambda logits: logits[..., TARGET].flatten(), r"returned shape \[9\] \(one value per position"),
+    "[1]": (lambda logits: logits[:1, -1, TARGET], r"that is \[2\], and it returned shape \[1\] \(one value whatever"),
+    "scalar": (lambda logits: logits[:, -1, TARGET].sum(), r"returned shape \[\] \(a scalar"),
+    "float": (lambda logits: float(logits[0, -1, TARGET].detach()), "it returned a float, not a tensor"),
+    "[N, 2]": (lambda logits: logits[:, -1, [TARGET, 71]], r"returned shape \[1, 2\] \(more than one value per row"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_METRICS))
+def test_sweep_refuses_a_metric_that_is_not_one_value_per_row_before_any_chunk(probe, monkeypatch, kind):
+    from g3n_probe import patching
+
+    bad, error = BAD_METRICS[kind]
+    chunks = []
+    real = patching.patched_metric
+    monkeypatch.setattr(patching, "patched_metric", lambda *a, **k: chunks.append(1) or real(*a, **k))
+    with pytest.raises((TypeError, ValueError), match=r"the metric must return a tensor of shape \[N\].*" + error):
+        g3n.patching.sweep(probe, CLEAN, CORRUPTED, bad, layers=[1, 2], positions=[1, 2], chunk=4)
+    assert chunks == [], "the metric is checked on the baseline forwards, before any chunk runs"
+
+
+@pytest.mark.parametrize("kind", sorted(set(BAD_METRICS) - {"[1]"}))  # attribution runs one row: [1] is right there
+def test_attribution_refuses_a_metric_that_is_not_one_value_per_row(probe, kind):
+    bad, error = BAD_METRICS[kind]
+    with pytest.raises((TypeError, ValueError), match=r"the metric must return a tensor of shape \[N\].*" + error):
+        g3n.patching.attribution(probe, CLEAN, CORRUPTED, bad, layers=[1])
+    assert all(p.grad is None for p in probe.hf_model.parameters())
+    g3n.patching.attribution(probe, CLEAN, CORRUPTED, metric, layers=[1])  # the model is unharmed
+
+
+def test_each_chunk_result_is_checked_too(probe):
+    """A metric that gives one value per row on one or two rows but not on more is caught at its chunk."""
+    from g3n_probe.patching import patched_metric
+
+    def first_two(logits):
+        return metric(logits)[:2]
+
+    by_name = {p.name: p for p in POINTS}
+    source = probe.cache(CLEAN, ["resid_mid"], layers=[1], verbose=False)
+    variants = [(1, "resid_mid", p) for p in (1, 2, 3)]
+    with pytest.raises(ValueError, match=r"on logits of shape \[3, 9, \d+\] that is \[3\], and it returned shape \[2\]"):
+        patched_metric(probe, CORRUPTED, variants, source, by_name, first_two)
+
+
+def test_valid_positions_in_every_form_give_the_same_columns(probe):
+    as_ints = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, layers=[2], positions=[1, -1, [2, 3]])
+    as_tensors = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, layers=[2],
+                                    positions=[torch.tensor(1), 8, torch.tensor([3, -7])])
+    assert as_ints.positions == as_tensors.positions == [1, 8, (2, 3)]
+    assert torch.equal(as_ints.values["resid_mid"], as_tensors.values["resid_mid"])
+    assert not torch.isnan(as_ints.values["resid_mid"]).any()
+
+
+# ---- heads, streams and many pairs: each equals plain hooks on a stock model ---------------------------------
+
+HEADS, STREAMS = 2, 4   # the tiny preset's attention heads and AltUp streams
+
+
+def _pairs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` prompt pairs of CLEAN's length: CLEAN/CORRUPTED first, then random ones differing at 1 and 2."""
+    generator = torch.Generator().manual_seed(3)
+    clean = torch.cat([CLEAN, torch.randint(3, 500, (count - 1, CLEAN.shape[1]), generator=generator)])
+    clean[:, 0] = 2
+    corrupted = clean.clone()
+    corrupted[1:, 1:3] = torch.randint(3, 500, (count - 1, 2), generator=generator)
+    corrupted[0] = CORRUPTED[0]
+    return clean, corrupted
+
+
+def _cells(name, position, part):
+    """The (token, part) cells a variant writes (part None: the whole value at the token)."""
+    tokens = position if isinstance(position, tuple) else (position,)
+    parts = part if isinstance(part, tuple) else (part,)
+    return [(t, p) for t in tokens for p in parts]
+
+
+def _write_cells(name, layer, cells, source):
+    """An edit writing source cells (row, pair, token, part) into a [B,T,H,Dh] attn_z or an [S,B,T,D] stack."""
+    stack = name in ("input", "output", "altup_predict", "altup_correct")
+
+    def fn(value):
+        value = value.clone()
+        for row, pair, token, part in cells:
+            whole = slice(None) if part is None else part
+            index, origin = ((whole, row, token), (whole, pair, token)) if stack else \
+                ((row, token, whole), (pair, token, whole)) if name == "attn_z" else ((row, token), (pair, token))
+            value[index] = source[(name, layer)][origin]
+        return value
+    return fn
+
+
+def _stock_patch(stock, stack, name, layer, fn):
+    """One point of the stock model edited with plain hooks: a layer stack on the decoder layer's forward
+    pre-hook (input) or forward hook (output), anything else through tests/reference.py's `edited`."""
+    decoder = stock.model.language_model.layers[layer]
+    if name == "input":
+        stack.callback(decoder.register_forward_pre_hook(lambda m, a: (fn(a[0]), *a[1:])).remove)
+    elif name == "output":
+        stack.callback(decoder.register_forward_hook(lambda m, a, out: fn(out)).remove)
+    else:
+        stack.enter_context(edited(stock, name, layer, fn))
+
+
+def _stock_rows(stock, target, rows, source, skip=True):
+    """Rows (layer, name, position, part, pair) as one stock batch: row r is pair ``pair`` of ``target`` with
+    that pair's source cells written in by plain hooks; with ``skip``, the layers before the first patch
+    give the target's own outputs from one forward of all K target rows (KV 'store' layers run), as `sweep`
+    does. Returns the metric per row."""
+    plan: dict = {}
+    for row, (layer, name, position, part, pair) in enumerate(rows):
+        plan.setdefault((layer, name), []).extend((row, pair, t, p) for t, p in _cells(name, position, part))
+    pairs = torch.tensor([row[4] for row in rows])
+    modes = stock.config.text_config.kv_sharing_modes
+    with ExitStack() as stack, torch.no_grad():
+        if skip:
+            prefix = _target_layer_outputs(stock, target)
+            for i in range(min(row[0] for row in rows)):
+                if modes[i] != "store":
+                    replacement = prefix[i][:, pairs].contiguous()
+                    hook = stock.model.language_model.layers[i].register_forward_hook(lambda m, a, o, r=replacement: r)
+                    stack.callback(hook.remove)
+        for (layer, name), cells in plan.items():
+            _stock_patch(stock, stack, name, layer, _write_cells(name, layer, cells, source))
+        return metric(stock_forward(stock, target[pairs]).logits).float()
+
+
+def _entry(result, layer, name, position, part):
+    index = (result.layers.index(layer), result.positions.index(position))
+    if name in result.parts:
+        index += (result.parts[name].index(part),)
+    return index
+
+
+GRANULARITIES = {
+    "attn_z each head": (["attn_z"], dict(heads="each")),
+    "attn_z heads listed, one a group": (["attn_z"], dict(heads=[1, [0, 1]])),
+    "attn_z one head": (["attn_z"], dict(heads=0)),
+    "input, all streams": (["input"], {}),
+    "input, stream 0": (["input"], dict(streams=0)),
+    "output, each stream": (["output"], dict(streams="each")),
+    "output and predict, streams 1-3 together": (["altup_predict", "output"], dict(streams=[[1, 2, 3]])),
+    "mixed: attn_z per head beside stacks and resid_mid": (["input", "attn_z", "resid_mid", "output"],
+                                                          dict(heads=[1], streams=[2, 0])),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GRANULARITIES))
+def test_heads_and_streams_equal_stock_hooks_on_the_same_batch_and_one_patch_per_forward(probe, stock, kind):
+    names, kwargs = GRANULARITIES[kind]
+    layers, positions = [0, 3, 5], [2, -1]
+    result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=names, layers=layers, positions=positions,
+                                chunk=5, **kwargs)
+    source = capture(stock, CLEAN)
+    stacks = ("input", "output", "altup_predict", "altup_correct")
+    spec = {"attn_z": kwargs.get("heads")} | {n: kwargs.get("streams") for n in names if n in stacks}
+    for name in result.points:
+        given = spec.get(name)
+        width = {"attn_z": HEADS}.get(name, STREAMS)
+        expected_parts = list(range(width)) if given == "each" else \
+            [tuple(p) if isinstance(p, list) else p for p in given] if isinstance(given, list) else None
+        assert result.parts.get(name) == expected_parts, name
+        extra = () if expected_parts is None else (len(expected_parts),)
+        assert result.values[name].shape == (len(layers), len(positions), *extra), name
+    parts = {n: (result.parts[n] if n in result.parts else [spec.get(n)]) for n in result.points}
+    variants = [(layer, name, p % 9, part) for layer in layers for name in result.points for p in positions
+                for part in parts[name]]
+    span = abs(result.source - result.baseline)
+    for start in range(0, len(variants), 5):
+        chunk = variants[start:start + 5]
+        expected = _stock_rows(stock, CORRUPTED, [(*v, 0) for v in chunk], source)
+        got = torch.stack([result.values[v[1]][_entry(result, *v)] for v in chunk])
+        assert torch.equal(got, expected), (chunk, got, expected)
+    changed = 0
+    for variant in variants:   # one patch per forward, nothing skipped: within rounding of the batched entry
+        alone = _stock_rows(stock, CORRUPTED, [(*variant, 0)], source, skip=False)
+        got = result.values[variant[1]][_entry(result, *variant)]
+        assert abs(got - alone[0]) <= 1e-5 * span, (variant, got, alone)
+        changed += bool(alone[0] != result.baseline)
+    assert changed > len(variants) // 2   # the patches do something
+
+
+def test_one_head_of_each_or_all_streams_together_is_the_whole_patch(probe):
+    whole = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["attn_z", "output"], layers=[2], chunk=64)
+    grouped = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["attn_z", "output"], layers=[2], chunk=64,
+                                 heads=[[0, 1]], streams=[[0, 1, 2, 3]])
+    for name in ("attn_z", "output"):
+        assert torch.equal(grouped.values[name][..., 0], whole.values[name])
+
+
+def test_patching_a_layers_input_skips_only_the_layers_before_it(probe):
+    from g3n_probe.patching import _skipped, prefix_needs
+
+    assert _skipped(probe, [(0, "input", 1, None)]) == []
+    assert _skipped(probe, [(4, "input", 1, None)]) == [0, 1]  # 2 and 3 are KV store layers: they run
+    assert prefix_needs(probe, [(2, "input", 1, 0)]) == {1}
+    # layer 3's output is what enters layer 4: the same patch, though sweep skips layer 3 only for the latter
+    entering = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["input"], layers=[4], streams="each")
+    leaving = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["output"], layers=[3], streams="each")
+    span = abs(entering.source - entering.baseline)
+    assert torch.allclose(entering.values["input"], leaving.values["output"], atol=1e-5 * span, rtol=0)
+    # the last layer's output stack at the last position carries everything the logits there read
+    full = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["output"], layers=[5], positions=[-1])
+    assert full.normalized()["output"][0, 0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_sweep_over_pairs_averages_each_pair_patched_with_its_own_source(probe, stock):
+    clean, corrupted = _pairs(3)
+    names, layers, positions = ["attn_z", "resid_mid", "output"], [1, 4], [1, -1]
+    result = g3n.patching.sweep(probe, clean, corrupted, metric, points=names, layers=layers, positions=positions,
+                                heads="each", streams=1, chunk=5)
+    source = capture(stock, clean)
+    parts = {"attn_z": list(range(HEADS)), "resid_mid": [None], "output": [1]}
+    variants = [(layer, name, p % 9, part) for layer in layers for name in result.points for p in positions
+                for part in parts[name]]
+    rows = [(*variant, k) for variant in variants for k in range(3)]   # a chunk's rows: variants × pairs
+    assert result.pairs == 3 and result.forwards == -(-len(rows) // 5)
+    assert result.per_pair["attn_z"].shape == (2, 2, HEADS, 3) and result.per_pair["output"].shape == (2, 2, 3)
+    for start in range(0, len(rows), 5):   # chunks split a variant's pairs across forwards
+        chunk = rows[start:start + 5]
+        expected = _stock_rows(stock, corrupted, chunk, source)
+        got = torch.stack([result.per_pair[r[1]][(*_entry(result, *r[:4]), r[4])] for r in chunk])
+        assert torch.equal(got, expected), (chunk, got, expected)
+    for name in names:
+        assert torch.equal(result.values[name], result.per_pair[name].mean(-1))
+    with torch.no_grad():
+        baselines = metric(stock_forward(stock, corrupted).logits).float()
+        sources = metric(stock_forward(stock, clean).logits).float()
+    assert torch.equal(result.baselines, baselines) and torch.equal(result.sources, sources)
+    assert result.baseline == float(baselines.mean()) and result.source == float(sources.mean())
+    for k in range(3):   # each pair on its own, one patch per forward
+        single = g3n.patching.sweep(probe, clean[k:k + 1], corrupted[k:k + 1], metric, points=names, layers=layers,
+                                    positions=positions, heads="each", streams=1, chunk=1)
+        span = abs(single.source - single.baseline)
+        for name in names:
+            assert torch.allclose(result.per_pair[name][..., k], single.values[name], atol=1e-5 * span, rtol=0)
+
+
+def test_pairs_given_as_texts_equal_the_same_token_ids(probe):
+    clean, corrupted = ["the cat sat", "one dog ran"], ["the cot sat", "one dig ran"]
+    ids = probe.tokenizer(clean, return_tensors="pt")["input_ids"]
+    other = probe.tokenizer(corrupted, return_tensors="pt")["input_ids"]
+    as_text = g3n.patching.sweep(probe, clean, corrupted, metric, points=["attn_z"], layers=[3], heads="each")
+    as_ids = g3n.patching.sweep(probe, ids, other, metric, points=["attn_z"], layers=[3], heads="each")
+    assert as_text.pairs == 2 and torch.equal(as_text.values["attn_z"], as_ids.values["attn_z"])
+    assert as_text.values["attn_z"].shape == (1, ids.shape[1], HEADS)
+
+
+def test_attribution_over_pairs_is_the_mean_of_each_pairs_estimate(probe, stock):
+    clean, corrupted = _pairs(3)
+    names, layers = ["input", "attn_z", "output"], [1, 4]
+    together = g3n.patching.attribution(probe, clean, corrupted, metric, points=names, layers=layers)
+    assert together.per_pair["output"].shape == (2, 9, 3)
+    source = capture(stock, clean)
+    for k in range(3):
+        alone = g3n.patching.attribution(probe, clean[k:k + 1], corrupted[k:k + 1], metric, points=names,
+                                         layers=layers)
+        for name in names:
+            assert torch.allclose(together.per_pair[name][..., k], alone.values[name], atol=1e-5, rtol=1e-4), name
+    for name in names:
+        assert torch.equal(together.values[name], together.per_pair[name].mean(-1))
+    # the stacks' gradients are stock autograd's, read at the decoder layer's own hooks
+    for name in ("input", "output"):
+        for i, layer in enumerate(layers):
+            kept = []
+
+            def keep(value):
+                value.retain_grad()
+                kept.append(value)
+                return value.clone()
+
+            with ExitStack() as stack:
+                _stock_patch(stock, stack, name, layer, keep)
+                out = stock_forward(stock, corrupted[:1])
+            metric(out.logits).sum().backward()
+            stock.zero_grad(set_to_none=True)
+            product = (source[(name, layer)][:, :1].float() - kept[0].detach().float()) * kept[0].grad.float()
+            expected = product[:, 0].permute(1, 0, 2).reshape(9, -1).sum(-1)
+            alone = g3n.patching.attribution(probe, clean[:1], corrupted[:1], metric, points=[name], layers=[layer])
+            assert torch.equal(alone.values[name][0], expected), (name, layer)
+
+
+def test_result_with_heads_plots_positions_by_heads(probe):
+    result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["attn_z", "output"], layers=[1, 2],
+                                positions=[1, -1], heads="each", streams=[0, [1, 2, 3]])
+    figure = result.plot()
+    assert len(figure.axes) >= 2
+    assert len(result.column_labels("attn_z")) == 2 * HEADS and result.column_labels("attn_z")[1].endswith(" h1")
+    assert result.column_labels("output")[1].endswith(" s1+2+3")
+
+
+_, _OTHER = _pairs(2)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(heads=[2]), r"heads \[2\] out of range: this model has 2 heads, so a head must lie in \[0, 2\)"),
+    (dict(heads=-1), r"heads \[-1\] out of range"),
+    (dict(heads=[[0, 5]]), r"heads \[5\] out of range"),
+    (dict(heads="some"), r"heads must be None or 'all' \(the whole value\), 'each'"),
+    (dict(heads=[]), r"heads=\[\] patches nothing"),
+    (dict(heads=[0, 0]), r"heads \[0, 0\] patch the same head"),
+    (dict(heads=[[1, 1]]), r"head group \[1, 1\] in heads names a head more than once"),
+    (dict(heads=[True]), "a head must be an integer"),
+    (dict(heads=1.0), "heads must be None"),
+    (dict(heads="each", points=["resid_mid", "output"]), r"heads='each' splits attn_z only.*has none"),
+    (dict(streams=4, points=["output"]), r"streams \[4\] out of range: this model has 4 streams"),
+    (dict(streams=[0, [1, -1]], points=["output"]), r"streams \[-1\] out of range"),
+    (dict(streams=0, points=["resid_mid", "attn_z"]), r"streams=0 splits the stream stacks only \(.*input.*\)"),
+    (dict(clean=torch.cat([CLEAN, CLEAN])), r"clean has 2 prompt\(s\) and corrupted 1: give one corrupted prompt"),
+    (dict(corrupted=_OTHER), r"clean has 1 prompt\(s\) and corrupted 2"),
+    (dict(clean=torch.cat([CLEAN, CLEAN])[:, :-1], corrupted=_OTHER), "same number of tokens; got 8 and 9"),
+    (dict(clean=["the cat sat", "a dog"], corrupted=["the cot sat", "a dig"]), r"clean texts have unequal lengths"),
+    (dict(clean=CLEAN[None]), r"clean token ids must be \[T\] or \[K, T\]"),
+    (dict(clean=[]), "clean is an empty list of prompts"),
+    (dict(points=["input"], layers=[4], positions=[9]), r"positions \[9\] out of range"),
+])
+def test_heads_streams_and_pairs_are_checked(probe, kwargs, error):
+    kwargs = dict(clean=CLEAN, corrupted=CORRUPTED, points=["attn_z", "output"], layers=[1]) | kwargs
+    with pytest.raises((TypeError, ValueError), match=error):
+        g3n.patching.sweep(probe, metric=metric, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(clean=torch.cat([CLEAN, CLEAN])), r"clean has 2 prompt\(s\) and corrupted 1"),
+    (dict(clean=["the cat sat", "a dog"], corrupted=["the cot sat", "a dig"]), "unequal lengths"),
+])
+def test_attribution_pairs_are_checked(probe, kwargs, error):
+    kwargs = dict(clean=CLEAN, corrupted=CORRUPTED) | kwargs
+    with pytest.raises(ValueError, match=error):
+        g3n.patching.attribution(probe, metric=metric, layers=[1], **kwargs)

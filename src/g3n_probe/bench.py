@@ -74,8 +74,8 @@ def trace_every_point(probe: Any, ids: torch.Tensor, **trace_kwargs: Any) -> Non
     """One trace that saves every row of the table for every layer (the layer stacks included), in
     execution order; rows that never fire in this model are left out."""
     layers = range(probe.text_config.num_hidden_layers)
-    rows = [(point, layer) for point in TABLE if probe.injection.unavailable(point) is None
-            for layer in (layers if point.scope == "layer" else [None])]
+    rows = [(point, layer) for point in TABLE for layer in (layers if point.scope == "layer" else [None])
+            if probe.injection.unavailable(point, layer) is None]
     with torch.no_grad(), probe.trace(ids, **trace_kwargs):
         for point, layer in in_execution_order(rows):
             point.read(probe, layer).save()

@@ -3,12 +3,18 @@
 A sweep asks, for every (point, layer, position): if this one value came from the other prompt, how
 much of the metric's difference does it restore? Answering it one patch per forward costs one
 forward per cell. `sweep` puts the patched variants on the batch axis instead: a chunk of N
-variants is one forward over N copies of the target prompt, row r carrying patch r. Stream stacks
+rows is one forward over N copies of the target prompt, row r carrying patch r. Stream stacks
 are patched on their own batch axis (dimension 1), attention patterns on their query position.
 
     result = g3n.patching.sweep(model, clean_ids, corrupted_ids, metric=lambda logits: logits[:, -1, a] - logits[:, -1, b],
                                 points=["resid_mid", "ple_out"], layers=range(6))
     result.plot()                       # a heatmap per point: layer × position
+
+Finer columns: ``heads=`` splits ``attn_z`` per head (a column per (position, head)); ``streams=`` patches
+some streams of the stream stacks (the layer's own ``input``/``output``, ``altup_predict``,
+``altup_correct``). Many pairs: ``clean`` and ``corrupted`` as [K, T] token ids (or K texts of one
+length); an entry is the metric's mean over the K pairs, each pair patched with its own source values,
+and a forward's rows are variants × pairs (`patching_plan`).
 
 ``direction="denoise"`` (default) runs the corrupted prompt and writes clean values into it;
 ``"noise"`` runs the clean prompt and writes corrupted values. Every row is the unpatched target until
@@ -27,18 +33,36 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import arch
-from .activations import encode_inputs
-from .points import LAYER, POINTS, Point, execution_rank
+from .patching_plan import (
+    Plan,
+    Variant,
+    cells,
+    columns,
+    label,
+    normalized_variant,
+    part_columns,
+    prepare,
+    variants,
+)
+from .points import BY_NAME, Point, execution_rank
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class PatchingResult:
-    """Metric values of a sweep: ``values[point][layer, position]`` (NaN where nothing was patched).
+    """Metric values of a sweep (NaN where nothing was patched).
+
+    ``values[point]`` is ``[layers, positions]``, or ``[layers, positions, parts]`` for a point split into a
+    list of columns by ``heads=`` (``attn_z``: ``[layers, positions, heads]``) or ``streams=`` (the stream
+    stacks: ``[layers, positions, streams]``); ``parts[point]`` lists that axis's heads or streams (an int,
+    or a tuple patched together). An int ``heads``/``streams`` patches only that head or stream and keeps
+    ``[layers, positions]``. Over K prompt pairs every entry is the mean over the pairs, and
+    ``per_pair[point]`` holds the same with a last axis K.
 
     ``baseline`` is the metric of the unpatched run, ``source`` the metric of the prompt the values came
-    from; `normalized` maps baseline to 0 and source to 1.
+    from (means over the pairs; ``baselines``/``sources`` per pair, [K]); `normalized` maps baseline to 0
+    and source to 1.
     """
 
     points: list[str]
@@ -49,235 +73,327 @@ class PatchingResult:
     source: float
     direction: str
     forwards: int = 0
-    tokens: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)   # labels of the positions, from the first pair
+    parts: dict[str, list] = field(default_factory=dict)
+    heads: Any = None       # the heads= and streams= arguments as given
+    streams: Any = None
+    per_pair: dict[str, torch.Tensor] = field(default_factory=dict)
+    baselines: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
+
+    @property
+    def pairs(self) -> int:
+        """K, the number of prompt pairs each entry averages."""
+        return 1 if self.baselines is None else len(self.baselines)
 
     def normalized(self) -> dict[str, torch.Tensor]:
         span = self.source - self.baseline
         return {name: (v - self.baseline) / span if span else v * math.nan for name, v in self.values.items()}
 
+    def column_labels(self, name: str) -> list[str]:
+        """The labels of ``name``'s heatmap columns: its positions, or (position, part) flattened position by
+        position (``"tok h1"``) where the point has a third axis."""
+        positions = self.tokens or [str(p) for p in self.positions]
+        if name not in self.parts:
+            return positions
+        prefix = "s" if name in _STACK_NAMES else "h"
+        return [f"{p} {label(part, prefix)}" for p in positions for part in self.parts[name]]
+
     def plot(self, normalized: bool = True, ax: Any = None) -> Any:
-        """One heatmap per point (layers × positions); returns the matplotlib figure."""
+        """One heatmap per point, layers × positions (× heads or streams where a point has that axis, its
+        columns flattened position by position: every head of position 0, then of position 1, …); returns the
+        matplotlib figure."""
         import matplotlib.pyplot as plt   # lazy: a heavy import only the plot needs
 
         data = self.normalized() if normalized else self.values
+        widest = max([len(self.column_labels(name)) for name in self.points] or [1])
         if ax is None:
-            fig, axes = plt.subplots(1, len(self.points), figsize=(3 + 3 * len(self.points), 3 + 0.25 * len(self.layers)),
-                                     squeeze=False)
+            fig, axes = plt.subplots(1, len(self.points), squeeze=False,
+                                     figsize=(3 + len(self.points) * max(3, 0.25 * widest), 3 + 0.25 * len(self.layers)))
             axes = axes[0]
         else:
             fig, axes = ax.figure, [ax]
         for axis, name in zip(axes, self.points):
-            image = axis.imshow(data[name].float().numpy(), aspect="auto", cmap="RdBu_r",
-                                vmin=-1 if normalized else None, vmax=1 if normalized else None)
+            labels = self.column_labels(name)
+            image = axis.imshow(data[name].float().reshape(len(self.layers), len(labels)).numpy(), aspect="auto",
+                                cmap="RdBu_r", vmin=-1 if normalized else None, vmax=1 if normalized else None)
             axis.set_title(name)
             axis.set_ylabel("layer")
             axis.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
-            labels = self.tokens or [str(p) for p in self.positions]
-            axis.set_xticks(range(len(self.positions)), labels, rotation=90)
+            axis.set_xticks(range(len(labels)), labels, rotation=90)
             fig.colorbar(image, ax=axis)
-        fig.suptitle(f"activation patching ({self.direction}); "
+        pairs = f", mean over {self.pairs} pairs" if self.pairs > 1 else ""
+        fig.suptitle(f"activation patching ({self.direction}{pairs}); "
                      + ("0 = unpatched, 1 = source prompt" if normalized else "metric"))
         fig.tight_layout()
         return fig
 
 
-def _encode(model: Any, prompt: Any) -> torch.Tensor:
-    ids, mask = encode_inputs(model, prompt)
-    if ids.shape[0] != 1:
-        raise ValueError(f"a sweep compares two single prompts; got a batch of {ids.shape[0]}")
-    return ids
+_STACK_NAMES = frozenset(p.name for p in BY_NAME.values() if p.stack)
 
 
-def _prepare(model: Any, clean: Any, corrupted: Any, points: Sequence[str], layers: Iterable[int] | None,
-             direction: str) -> tuple[list[str], dict[str, Point], list[int], torch.Tensor, torch.Tensor]:
-    """Checked arguments shared by `sweep` and `attribution`: the point names in execution order, the
-    table rows by name, the layers, and the (source, target) token ids for ``direction``."""
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction={direction!r}: choose 'denoise' or 'noise'")
-    by_name = {p.name: p for p in POINTS}
-    for name in points:
-        if name not in by_name or by_name[name].scope != LAYER:
-            per_layer = [p.name for p in POINTS if p.scope == LAYER]
-            raise ValueError(f"{name!r} is not a per-layer point; choose from {', '.join(per_layer)}")
-        reason = model.injection.unavailable(by_name[name])
-        if reason:
-            raise ValueError(reason)
-    clean_ids, corrupted_ids = _encode(model, clean), _encode(model, corrupted)
-    if clean_ids.shape != corrupted_ids.shape:
-        raise ValueError(f"clean and corrupted prompts must have the same number of tokens; got "
-                         f"{clean_ids.shape[1]} and {corrupted_ids.shape[1]}")
-    count = model.text_config.num_hidden_layers
-    layers = list(range(count)) if layers is None else [int(layer) for layer in layers]
-    bad = [layer for layer in layers if not 0 <= layer < count]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: this model has {count} layers")
-    names = sorted(points, key=lambda name: execution_rank(by_name[name], 0))
-    source_ids, target_ids = (clean_ids, corrupted_ids) if direction == "denoise" else (corrupted_ids, clean_ids)
-    return names, by_name, layers, source_ids, target_ids
+_METRIC_CONTRACT = "the metric must return a tensor of shape [N], one value per row of the logits [N, T, V]"
+
+
+def _metric_rows(result: Any, logits: torch.Tensor) -> torch.Tensor:
+    """``result`` if it is one value per row of ``logits``; else an error saying what the metric must return."""
+    rows, shape = logits.shape[0], list(logits.shape)
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"{_METRIC_CONTRACT}; on logits of shape {shape} it returned a {type(result).__name__}, not a "
+                        "tensor (keep the batch axis, e.g. logits[:, -1, a] - logits[:, -1, b])")
+    if tuple(result.shape) != (rows,):
+        hint = ""
+        if result.dim() == 0:
+            hint = " (a scalar: it reduced over the rows)"
+        elif result.numel() == rows * logits.shape[1] != rows:
+            hint = " (one value per position: choose a position, e.g. logits[:, -1])"
+        elif tuple(result.shape) == (1,):
+            hint = " (one value whatever the number of rows)"
+        elif result.dim() > 1 and result.shape[0] == rows:
+            hint = " (more than one value per row: combine them into one)"
+        raise ValueError(f"{_METRIC_CONTRACT}: on logits of shape {shape} that is [{rows}], and it returned shape "
+                         f"{list(result.shape)}{hint}")
+    return result
+
+
+def _baseline_metric(metric: Metric, target_logits: torch.Tensor,
+                     source_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The metric of the unpatched target and of the source, one value per pair ([K] each, float32 on the
+    host), after checking, on the baseline forwards and before any chunk runs, that it gives one value per
+    row: on each side alone and on the two as one batch (which a metric returning [1] whatever N is fails)."""
+    baselines = _metric_rows(metric(target_logits), target_logits).detach().float().cpu()
+    sources = _metric_rows(metric(source_logits), source_logits).detach().float().cpu()
+    both = torch.cat([target_logits, source_logits])
+    _metric_rows(metric(both), both)
+    return baselines, sources
 
 
 def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
           layers: Iterable[int] | None = None, positions: Sequence[int | Sequence[int]] | None = None,
-          direction: str = "denoise", chunk: int = 32, logits_to_keep: int = 0) -> PatchingResult:
-    """Activation patching of ``points`` at every layer and position, ``chunk`` patched variants per forward.
+          direction: str = "denoise", chunk: int = 32, logits_to_keep: int = 0, heads: Any = None,
+          streams: Any = None) -> PatchingResult:
+    """Activation patching of ``points`` at every layer and position, ``chunk`` patched rows per forward.
 
     Args:
-        clean, corrupted: two prompts (text or [1, T] token ids) of the same length in tokens.
-        metric: logits [N, T, V] -> [N], e.g. a logit difference at the last position.
-        points: per-layer point names (see `g3n_probe.points.POINTS`).
+        clean, corrupted: K prompt pairs of one length in tokens: a text or [T] / [1, T] token ids (K = 1),
+            [K, T] token ids, or lists of K texts. Pair k patches corrupted[k] with clean[k]'s values (or the
+            reverse); an entry is the metric's mean over the pairs (`PatchingResult.per_pair` keeps each).
+        metric: logits [N, T, V] -> [N], e.g. a logit difference at the last position; any other shape
+            is an error, found on the baseline forwards before any chunk runs.
+        points: per-layer point names (see `g3n_probe.points.TABLE`), the layer stacks ``input`` and
+            ``output`` included.
         layers: layers to patch (default all).
-        positions: token positions (default all; negative from the end); an entry that is a list of
-            positions is a group, patched together as one column (e.g. every token of a name).
+        positions: token positions in [-T, T) (default all; negative from the end), each listed once; an
+            entry that is a list of positions is a group, patched together as one column (e.g. every
+            token of a name).
         direction: "denoise" writes clean values into the corrupted run, "noise" the reverse.
-        chunk: variants per forward: the memory budget (activations scale with it). Layers before a
-            chunk's first patch are not recomputed: they give the target's own output (`patched_metric`).
+        chunk: rows per forward, a row being one variant on one pair (variants × pairs): the memory budget
+            (activations scale with it). Layers before a chunk's first patch are not recomputed: they give
+            the target's own output (`patched_metric`).
         logits_to_keep: compute logits for the last n positions only (0: all), as in a trace; a metric
             that reads only the last position (logits[:, -1]) can pass 1 and skip most of the lm_head.
+        heads: how ``attn_z`` is patched: None or "all" the whole [H, Dh] vector at a position; "each" one
+            column per (position, head), values [layers, positions, H]; a list of heads (an entry may be a
+            list, heads patched together) one column each; an int only that head, values [layers, positions].
+        streams: how the stream stacks (``input``, ``output``, ``altup_predict``, ``altup_correct``) are
+            patched: None or "all" every stream; an int only that stream, values [layers, positions]; "each"
+            or a list (entries streams or groups of streams) one column each, values [layers, positions, n].
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
-    names, by_name, layers, source_ids, target_ids = _prepare(model, clean, corrupted, points, layers, direction)
-    tokens = target_ids.shape[1]
-    positions = list(range(tokens)) if positions is None else [_column(p, tokens) for p in positions]
-    source = model.cache(source_ids, names, layers=layers, verbose=False)
-    variants = [(layer, name, position) for layer in sorted(layers) for name in names for position in positions]
-    chunks = [variants[start:start + chunk] for start in range(0, len(variants), chunk)]
+    plan = prepare(model, clean, corrupted, points, layers, direction)
+    positions = columns(positions, plan.target_ids.shape[1])
+    part_of = part_columns(model, plan.names, heads, streams)
+    source = model.cache(plan.source_ids, plan.names, layers=plan.layers, verbose=False)
+    found = variants(plan.layers, plan.names, positions, part_of)
+    rows = [(v, k) for v in range(len(found)) for k in range(plan.pairs)]   # variants × pairs, variant-major
+    chunks = [rows[start:start + chunk] for start in range(0, len(rows), chunk)]
     # The target's own layer outputs that a skipped prefix hands on (`prefix_needs`), saved once.
-    needed = sorted(set().union(*(prefix_needs(model, group) for group in chunks)))
+    needed = sorted(set().union(*(prefix_needs(model, [found[v] for v, _ in group]) for group in chunks)))
+    prefix, baselines, sources = _unpatched(model, plan, needed, metric, logits_to_keep)
+    scores = torch.full((len(found), plan.pairs), math.nan)
+    for group in chunks:
+        got = patched_metric(model, plan.target_ids, [found[v] for v, _ in group], source, BY_NAME, metric,
+                             logits_to_keep, prefix, pairs=[k for _, k in group])
+        scores[torch.tensor([v for v, _ in group]), torch.tensor([k for _, k in group])] = got
+    per_pair = _by_point(plan, positions, part_of, found, scores)
+    labels = []
+    if model.tokenizer is not None:
+        labels = [model.tokenizer.decode([int(t) for t in plan.target_ids[0, list(p) if isinstance(p, tuple) else [p]]])
+                  for p in positions]
+    return PatchingResult(points=plan.names, layers=plan.layers, positions=positions,
+                          values={name: v.mean(-1) for name, v in per_pair.items()}, baseline=float(baselines.mean()),
+                          source=float(sources.mean()), direction=direction, forwards=len(chunks), tokens=labels,
+                          parts={n: spec for n, spec in part_of.items() if isinstance(spec, list)}, heads=heads,
+                          streams=streams, per_pair=per_pair, baselines=baselines, sources=sources)
+
+
+def _unpatched(model: Any, plan: Plan, needed: list[int], metric: Metric,
+               logits_to_keep: int) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The target's outputs of the ``needed`` layers ([S, K, T, D]) and the metric per pair of the unpatched
+    target and of the source, from one forward of each side's K prompts."""
     prefix: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), model.trace(target_ids, logits_to_keep=logits_to_keep):
+    with torch.no_grad(), model.trace(plan.target_ids, logits_to_keep=logits_to_keep):
         for layer in needed:
             prefix[layer] = model.layers[layer].output.save()
         target_logits = model.logits.output.save()
-    with torch.no_grad(), model.trace(source_ids, logits_to_keep=logits_to_keep):
+    with torch.no_grad(), model.trace(plan.source_ids, logits_to_keep=logits_to_keep):
         source_logits = model.logits.output.save()
-    baseline, reference = float(metric(target_logits)[0]), float(metric(source_logits)[0])
+    baselines, sources = _baseline_metric(metric, target_logits, source_logits)
+    return prefix, baselines, sources
 
-    values = {name: torch.full((len(layers), len(positions)), math.nan) for name in names}
-    row_of_layer = {layer: i for i, layer in enumerate(layers)}
+
+def _by_point(plan: Plan, positions: list, part_of: dict, found: list[Variant],
+              scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each point's scores, [layers, positions(, parts), K]: rows in the order of ``plan.layers`` as given."""
+    row_of_layer = {layer: i for i, layer in enumerate(plan.layers)}
     column_of = {position: j for j, position in enumerate(positions)}
-    forwards = 0
-    for group in chunks:
-        scores = patched_metric(model, target_ids, group, source, by_name, metric, logits_to_keep, prefix)
-        forwards += 1
-        for (layer, name, position), score in zip(group, scores.tolist()):
-            values[name][row_of_layer[layer], column_of[position]] = score
-    labels = []
-    if model.tokenizer is not None:
-        labels = [model.tokenizer.decode([int(t) for t in target_ids[0, list(p) if isinstance(p, tuple) else [p]]])
-                  for p in positions]
-    return PatchingResult(points=names, layers=layers, positions=positions, values=values, baseline=baseline,
-                          source=reference, direction=direction, forwards=forwards, tokens=labels)
+    part_index = {name: {part: i for i, part in enumerate(spec)} for name, spec in part_of.items()
+                  if isinstance(spec, list)}
+    per_pair = {}
+    for name in plan.names:
+        split = (len(part_index[name]),) if name in part_index else ()
+        per_pair[name] = torch.full((len(plan.layers), len(positions), *split, plan.pairs), math.nan)
+    for (layer, name, position, part), score in zip(found, scores):
+        split = (part_index[name][part],) if name in part_index else ()
+        per_pair[name][(row_of_layer[layer], column_of[position], *split)] = score
+    return per_pair
 
 
-def _column(position: int | Sequence[int], tokens: int) -> int | tuple[int, ...]:
-    if isinstance(position, Sequence) and not isinstance(position, str):
-        group = tuple(sorted({int(p) % tokens for p in position}))
-        if not group:
-            raise ValueError("an empty position group patches nothing")
-        return group
-    return int(position) % tokens
-
-
-def _skipped(model: Any, variants: list[tuple[int, str, Any]]) -> list[int]:
+def _skipped(model: Any, variants: Sequence[Sequence[Any]]) -> list[int]:
     """The layers a chunk skips: those before its first patch, but not KV 'store' layers, which run
-    because later layers read the keys and values they leave during the forward."""
-    first = min(layer for layer, _, _ in variants)
+    because later layers read the keys and values they leave during the forward. (A patch of a layer's
+    ``input`` is a patch of that layer: the layers before it are skipped, the layer runs.)"""
+    first = min(variant[0] for variant in variants)
     return [i for i in range(first) if not arch.is_kv_store(model.text_config, i)]
 
 
-def prefix_needs(model: Any, variants: list[tuple[int, str, Any]]) -> set[int]:
+def prefix_needs(model: Any, variants: Sequence[Sequence[Any]]) -> set[int]:
     """The skipped layers whose output is read (by the layer after them, which runs); the other skipped
     layers hand their output to a skipped layer, so any value of the right shape does."""
     skipped = set(_skipped(model, variants))
     return {i for i in skipped if i + 1 not in skipped}
 
 
-def patched_metric(model: Any, target_ids: torch.Tensor, variants: list[tuple[int, str, int]], source: dict,
+def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequence[Any]], source: dict,
                    by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0,
-                   prefix: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """One forward over ``len(variants)`` copies of ``target_ids``; row r has variant r's value patched in.
+                   prefix: dict[int, torch.Tensor] | None = None, pairs: Sequence[int] | None = None) -> torch.Tensor:
+    """One forward of ``len(variants)`` rows; row r is pair ``pairs[r]`` of ``target_ids`` ([K, T]; default
+    pair 0 for every row) with variant r's value from the same pair of ``source`` patched in.
 
-    A variant is (layer, point name, position); ``source`` maps ``"layers.<i>.<name>"`` to that point's
-    value on the source prompt. Writes are made in execution order (layer, then table order).
+    A variant is (layer, point name, position) or (layer, point name, position, part): a position or a
+    tuple of positions, a part None (the whole value there), a head or stream index, or a tuple of them
+    (the point's H axis, else its S axis). ``source`` maps ``"layers.<i>.<name>"`` to that point's value on
+    the K source prompts. Writes are made in execution order (layer, then table order).
 
-    ``prefix`` (layer -> the target's own output of that layer, from a forward of ``target_ids`` alone,
-    for at least the layers `prefix_needs` names): every row is the unpatched target until the first
-    patched layer, so the layers before it are skipped and give the target's output, except KV 'store'
-    layers, which run. On a sweep over all layers this halves the work. Rows then differ from a plain
-    batched forward of the same patches by batch-composition rounding only (the skipped layers ran at
-    batch 1). ``None``: nothing is skipped.
+    ``prefix`` (layer -> the target's own output of that layer, [S, K, T, D] from a forward of
+    ``target_ids``, for at least the layers `prefix_needs` names): every row is the unpatched target until
+    the first patched layer, so the layers before it are skipped and give the target's output, except KV
+    'store' layers, which run. On a sweep over all layers this halves the work. Rows then differ from a
+    plain batched forward of the same patches by batch-composition rounding only (the skipped layers ran at
+    batch K). ``None``: nothing is skipped.
     """
-    batch = target_ids.expand(len(variants), -1).contiguous()
+    variants = [normalized_variant(variant) for variant in variants]
+    pairs = [0] * len(variants) if pairs is None else [int(k) for k in pairs]
+    if len(pairs) != len(variants):
+        raise ValueError(f"pairs names {len(pairs)} rows and variants {len(variants)}: give one pair per variant")
+    pair_index = torch.tensor(pairs, dtype=torch.long)
     skipped = _skipped(model, variants) if prefix is not None else []
     if prefix is not None and (missing := prefix_needs(model, variants) - set(prefix)):
         raise ValueError(f"prefix lacks the target's output of layer(s) {sorted(missing)}")
-    template = next(iter(prefix.values())) if skipped else None
-    plan: dict[tuple[int, str], list[tuple[int, int]]] = {}
-    for row, (layer, name, position) in enumerate(variants):
-        plan.setdefault((layer, name), []).append((row, position))
+    plan: dict[tuple[int, str], list[tuple[int, int, int, int | None]]] = {}
+    for row, (variant, pair) in enumerate(zip(variants, pairs)):
+        plan.setdefault(variant[:2], []).extend((row, pair, token, part) for token, part in cells(variant))
     steps = sorted(plan, key=lambda key: (key[0], execution_rank(by_name[key[1]], key[0])))
-    with torch.no_grad(), model.trace(batch, logits_to_keep=logits_to_keep):
-        for layer in skipped:
-            if layer in prefix:   # stream stacks [S, B, T, D]: the target's row, once per variant
-                model.layers[layer].skip(prefix[layer].expand(-1, len(variants), -1, -1).contiguous())
-            else:                 # handed to a skipped layer: never read, so no memory spent on it
-                filler = torch.zeros((), dtype=template.dtype, device=template.device)
-                model.layers[layer].skip(filler.expand(template.shape[0], len(variants), *template.shape[2:]))
+    with torch.no_grad(), model.trace(target_ids[pair_index], logits_to_keep=logits_to_keep):
+        _skip_prefix(model, skipped, prefix, pair_index)
         for layer, name in steps:
             point = by_name[name]
-            value = getattr(model.layers[layer], name).output
-            patch = source[f"layers.{layer}.{name}"]
-            # Every (row, position) of this point in one indexed write: the rows are distinct variants,
-            # so one write equals the writes one by one, and costs one operation instead of one per variant.
-            pairs = [(row, p) for row, position in plan[(layer, name)]
-                     for p in (position if isinstance(position, (tuple, list)) else (position,))]
-            tokens = torch.tensor([p for _, p in pairs])
-            index: list[Any] = [slice(None)] * patch.dim()
-            index[point.batch_axis] = torch.zeros_like(tokens)
-            index[point.axis("T")] = tokens
-            rows = patch[tuple(index)].to(value.device)   # only the rows written cross to the device
-            index[point.batch_axis] = torch.tensor([row for row, _ in pairs], device=value.device)
-            index[point.axis("T")] = tokens.to(value.device)
-            value[tuple(index)] = rows
+            _write(point, point.read(model, layer), source[point.qualified(layer)], plan[(layer, name)])
         logits = model.logits.output.save()
-    return metric(logits).detach().float().cpu()
+    return _metric_rows(metric(logits), logits).detach().float().cpu()
+
+
+def _skip_prefix(model: Any, skipped: list[int], prefix: dict[int, torch.Tensor] | None,
+                 pair_index: torch.Tensor) -> None:
+    """Inside a trace: every skipped layer gives row r the target's output for pair ``pair_index[r]``."""
+    if not skipped:
+        return
+    template = next(iter(prefix.values()))
+    rows = len(pair_index)
+    for layer in skipped:
+        if layer in prefix:   # stream stacks [S, K, T, D]: the row's pair, once per row
+            model.layers[layer].skip(prefix[layer].index_select(1, pair_index.to(prefix[layer].device)))
+        else:                 # handed to a skipped layer: never read, so no memory spent on it
+            filler = torch.zeros((), dtype=template.dtype, device=template.device)
+            model.layers[layer].skip(filler.expand(template.shape[0], rows, *template.shape[2:]))
+
+
+def _part_axis(point: Point) -> int:
+    for letter in ("H", "S"):
+        if letter in point.axes:
+            return point.axis(letter)
+    raise ValueError(f"{point.name} {point.shape} has no head (H) or stream (S) axis: patch it whole (part None)")
+
+
+def _write(point: Point, value: Any, patch: torch.Tensor, entries: list[tuple[int, int, int, int | None]]) -> None:
+    """Every (row, pair, token, part) cell of one point in indexed writes (one for the whole-value cells, one
+    for the split ones): the rows are distinct, so one write equals the writes one by one, and costs one
+    operation instead of one per variant. Only the source rows written cross to the device."""
+    for split in (False, True):
+        cells_ = [entry for entry in entries if (entry[3] is not None) == split]
+        if not cells_:
+            continue
+        index: list[Any] = [slice(None)] * patch.dim()
+        index[point.batch_axis] = torch.tensor([pair for _, pair, _, _ in cells_])
+        index[point.axis("T")] = torch.tensor([token for _, _, token, _ in cells_])
+        if split:
+            index[_part_axis(point)] = torch.tensor([part for *_, part in cells_])
+        rows = patch[tuple(index)].to(value.device)
+        index = [i.to(value.device) if isinstance(i, torch.Tensor) else i for i in index]
+        index[point.batch_axis] = torch.tensor([row for row, *_ in cells_], device=value.device)
+        value[tuple(index)] = rows
 
 
 def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
                 layers: Iterable[int] | None = None, direction: str = "denoise") -> PatchingResult:
     """Attribution patching: (source − target) · ∂metric/∂value at the target, for every point, layer and
-    position, from one forward and one backward on the target prompt (plus a forward on the source).
+    position, from one forward and one backward on the target prompts (plus a forward on the source).
 
     A first-order estimate of `sweep`'s entries (as metric changes, not normalised); the gradients are
     stock autograd's, read at the points. ``values[point][layer, position]`` sums the product over all
-    other axes (streams, heads, features).
+    other axes (streams, heads, features). Over K pairs (as for `sweep`) an entry is the mean of the K
+    per-pair estimates (``per_pair``: [layers, positions, K]), from one forward and backward of the K rows.
     """
-    names, by_name, layers, source_ids, target_ids = _prepare(model, clean, corrupted, points, layers, direction)
-    source = model.cache(source_ids, names, layers=layers, verbose=False)
-    order = [(layer, name) for layer in sorted(layers) for name in names]
+    plan = prepare(model, clean, corrupted, points, layers, direction)
+    source = model.cache(plan.source_ids, plan.names, layers=plan.layers, verbose=False)
+    order = [(layer, name) for layer in sorted(plan.layers) for name in plan.names]
     grads: dict[tuple[int, str], Any] = {}
     values: dict[tuple[int, str], Any] = {}
-    with model.trace(target_ids):
+    with model.trace(plan.target_ids):
         for layer, name in order:
-            values[(layer, name)] = getattr(model.layers[layer], name).output.save()
-        score = metric(model.logits.output).sum()
-        with score.backward():
+            values[(layer, name)] = BY_NAME[name].read(model, layer).save()
+        logits = model.logits.output
+        rows = _metric_rows(metric(logits), logits)
+        with rows.sum().backward():
             for key in reversed(order):  # nnsight serves gradients in reverse execution order
                 grads[key] = values[key].grad.save()
-        baseline = score.detach().save()
-    with torch.no_grad(), model.trace(source_ids):
-        reference = metric(model.logits.output).sum().save()
-    tokens = target_ids.shape[1]
-    result = {name: torch.full((len(layers), tokens), math.nan) for name in names}
+        baselines = rows.detach().float().cpu().save()
+    with torch.no_grad(), model.trace(plan.source_ids):
+        logits = model.logits.output
+        sources = _metric_rows(metric(logits), logits).detach().float().cpu().save()
+    pairs, tokens = plan.pairs, plan.target_ids.shape[1]
+    per_pair = {name: torch.full((len(plan.layers), tokens, pairs), math.nan) for name in plan.names}
     for (layer, name), grad in grads.items():
-        point = by_name[name]
-        delta = source[f"layers.{layer}.{name}"].to(grad.device, torch.float32) - values[(layer, name)].detach().float()
-        product = (delta * grad.float()).select(point.batch_axis, 0)
-        token_axis = point.axis("T") - (1 if point.axis("T") > point.batch_axis else 0)
-        result[name][layers.index(layer)] = product.movedim(token_axis, 0).reshape(tokens, -1).sum(-1).cpu()
+        point = BY_NAME[name]
+        delta = source[point.qualified(layer)].to(grad.device, torch.float32) - values[(layer, name)].detach().float()
+        product = (delta * grad.float()).movedim(point.batch_axis, 0)            # [K, ...]
+        token_axis = point.axis("T") + (1 if point.axis("T") < point.batch_axis else 0)
+        estimate = product.movedim(token_axis, 1).reshape(pairs, tokens, -1).sum(-1)  # [K, T]
+        per_pair[name][plan.layers.index(layer)] = estimate.T.cpu()
     model.hf_model.zero_grad(set_to_none=True)
-    labels = [model.tokenizer.decode([int(t)]) for t in target_ids[0]] if model.tokenizer is not None else []
-    return PatchingResult(points=names, layers=layers, positions=list(range(tokens)), values=result,
-                          baseline=float(baseline), source=float(reference), direction=direction, forwards=2,
-                          tokens=labels)
+    labels = [model.tokenizer.decode([int(t)]) for t in plan.target_ids[0]] if model.tokenizer is not None else []
+    return PatchingResult(points=plan.names, layers=plan.layers, positions=list(range(tokens)),
+                          values={name: v.mean(-1) for name, v in per_pair.items()}, baseline=float(baselines.mean()),
+                          source=float(sources.mean()), direction=direction, forwards=2, tokens=labels,
+                          per_pair=per_pair, baselines=baselines, sources=sources)

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from . import arch
 from ._compat import set_attention_implementation
 from ._util import atomic_write
+from .checkpoint import TOWER_PREFIXES
 from .towers import build_text_only
 
 PRESETS = ("tiny", "mid", "e2b", "e4b")
@@ -224,11 +225,8 @@ def _random_tensor(name: str, shape: torch.Size, dtype: torch.dtype, generator: 
 
 
 def _component(name: str) -> str:
-    if name.startswith("model.vision_tower."):
-        return "vision"
-    if name.startswith("model.audio_tower."):
-        return "audio"
-    return "text"
+    """``"vision"``, ``"audio"`` or ``"text"``: which shards a tensor goes into."""
+    return next((kind for kind, prefix in TOWER_PREFIXES.items() if name.startswith(prefix)), "text")
 
 
 def _shards(shapes: dict, max_shard_bytes: int, dtype: torch.dtype) -> list[list[str]]:
