@@ -6,7 +6,10 @@ redirected, as huggingface.co does, to a CDN on another origin. It logs every ra
 and misbehaves the way real servers do when asked to: a gated repository answers 401/403 with
 ``X-Error-Code: GatedRepo``, an unknown one 401 ``RepoNotFound`` to anonymous callers, a client that
 accepts gzip gets the whole file compressed (CloudFront ignores ranges then), and connections can be
-cut, stalled or refused with 429 + ``Retry-After``.
+cut, stalled or refused with 429 + ``Retry-After``. It also lies, as a careless or hostile server
+might: bytes changed at the same size (``flips``), another directory's bytes served under the commit
+the listing describes (``Repo.serve``), sizes listed as null or 0 (``sizes``), and model-info
+requests answered 429/5xx (``info_errors``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class Repo:
     directory: Path
     commit: str
     token: str | None = None            # gated: this bearer token is required for files
+    serve: Path | None = None           # serve this directory's bytes under the commit (the listing stays)
+
+    @property
+    def served_from(self) -> Path:
+        return self.serve or self.directory
 
 
 @dataclass
@@ -40,6 +48,10 @@ class FakeHub:
     ignore_ranges: bool = False
     cdn_saw_authorization: bool = False
     commits: int = 0
+    flips: dict[str, int] = field(default_factory=dict)          # file -> offset of a byte served flipped
+    sizes: dict[str, int | None] = field(default_factory=dict)   # file -> the size the listing gives
+    info_errors: list[int] = field(default_factory=list)         # model-info answers, one each, before 200
+    requests: list[str] = field(default_factory=list)            # every path asked for, API included
 
     def add(self, repo_id: str, directory: Path, token: str | None = None) -> str:
         """Serve ``directory`` as ``repo_id``; adding it again makes a new commit."""
@@ -47,6 +59,22 @@ class FakeHub:
         commit = hashlib.sha1(f"{repo_id}:{directory}:{self.commits}".encode()).hexdigest()
         self.repos[repo_id] = Repo(Path(directory), commit, token)
         return commit
+
+    def listing(self, repo: Repo) -> list[dict]:
+        """The siblings the model-info API lists: size, git blob id, and for .safetensors files the LFS
+        entry (huggingface.co lists a pointer's blob id for those), with ``sizes`` overriding sizes."""
+        siblings = []
+        for p in sorted(p for p in repo.directory.iterdir() if p.is_file()):
+            data = p.read_bytes()
+            size = self.sizes.get(p.name, len(data))
+            entry = {"rfilename": p.name, "size": size, "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+            if p.suffix == ".safetensors":
+                sha = hashlib.sha256(data).hexdigest()
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
+                entry["blobId"] = hashlib.sha1(b"blob %d\0" % len(pointer) + pointer).hexdigest()
+                entry["lfs"] = {"size": size, "pointerSize": len(pointer), "sha256": sha}
+            siblings.append(entry)
+        return siblings
 
     def served(self, repo_id: str, filename: str) -> list[tuple[int, int]]:
         return [(start, end) for repo, name, start, end in self.log if repo == repo_id and name == filename]
@@ -56,6 +84,7 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True   # headers and body go out as separate writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -91,19 +120,19 @@ class FakeHub:
 
             def do_GET(self) -> None:  # the name http.server calls
                 path = unquote(urlparse(self.path).path)
+                hub.requests.append(path)
                 if path.startswith("/cdn/"):
                     self.cdn(path)
                     return
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
+                    if hub.info_errors:
+                        status = hub.info_errors.pop(0)
+                        self.answer(status, b"{}", {"Retry-After": "1", "Content-Type": "application/json"})
+                        return
                     repo = self.find(m.group(1), m.group(2) or "main", files=False)
                     if repo is not None:
-                        files = sorted(p for p in repo.directory.iterdir() if p.is_file())
-                        siblings = [{"rfilename": p.name, "size": p.stat().st_size,
-                                     **({"lfs": {"size": p.stat().st_size, "pointerSize": 134,
-                                                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}}
-                                        if p.suffix == ".safetensors" else {})} for p in files]
-                        body = json.dumps({"id": m.group(1), "sha": repo.commit, "siblings": siblings}).encode()
-                        self.answer(200, body, {"Content-Type": "application/json"})
+                        body = json.dumps({"id": m.group(1), "sha": repo.commit, "siblings": hub.listing(repo)})
+                        self.answer(200, body.encode(), {"Content-Type": "application/json"})
                     return
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if m is None:
@@ -126,7 +155,7 @@ class FakeHub:
                     self.answer(429, b"slow down", {"Retry-After": "1"})
                     return
                 repo_id, _, name = path.removeprefix("/cdn/").rpartition("/")
-                target = hub.repos[repo_id].directory / name
+                target = hub.repos[repo_id].served_from / name
                 size = target.stat().st_size
                 if "gzip" in self.headers.get("accept-encoding", ""):   # CloudFront: compressed, whole, 200
                     self.answer(200, gzip.compress(target.read_bytes()), {"Content-Encoding": "gzip"})
@@ -143,13 +172,18 @@ class FakeHub:
                 self.end_headers()
                 cut = self.next(hub.cuts, name, end - start)
                 stall = self.next(hub.stalls, name, end - start)
+                flip = hub.flips.get(name)
                 with open(target, "rb") as f:
                     f.seek(start)
                     left = end - start if cut is None and stall is None else (cut if cut is not None else stall)
+                    position = start
                     while left > 0:
-                        piece = f.read(min(left, 4 * 1024**2))
+                        piece = bytearray(f.read(min(left, 4 * 1024**2)))
+                        if flip is not None and position <= flip < position + len(piece):
+                            piece[flip - position] ^= 0x01   # one bit, same size
                         self.wfile.write(piece)
                         left -= len(piece)
+                        position += len(piece)
                 self.wfile.flush()
                 if stall is not None:
                     time.sleep(3)   # longer than the client's read timeout in the tests
@@ -163,7 +197,8 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        daemon=True)   # shutdown() waits for one poll
         self._thread.start()
         return self
 

@@ -7,9 +7,13 @@ tensors of KV-shared layers, which the loader skips too.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ import torch
 from hubserver import FakeHub
 
 import g3n_probe as g3n
-from g3n_probe import hub, hub_http, synthetic
+from g3n_probe import hub, hub_files, hub_http, synthetic
 from g3n_probe.cli import main as cli
 from g3n_probe.checkpoint import CheckpointError, is_text_key, keys_read, read_config
 
@@ -351,3 +355,382 @@ def test_a_tower_of_a_text_only_fetch_says_why_it_is_missing(server):
     model = g3n.load(REPO)
     with pytest.raises(g3n.TowerNotLoadedError, match="text-only fetch of g3n-test/tiny-gemma-3n"):
         model.load_tower("audio")
+
+
+# --- nothing silently wrong: fetched bytes checked by content (issue 21) ----------------------------
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory) -> Path:
+    """Another model of the very same layout (other weights): what a server switching bytes would send."""
+    return synthetic.save_checkpoint(tmp_path_factory.mktemp("hub-other") / "tiny", "tiny", seed=1,
+                                     max_shard_bytes=600_000, mixed_towers=True)
+
+
+WHOLE = "model-00002-of-00005.safetensors"    # text only: fetched whole
+RANGED = "model-00001-of-00005.safetensors"   # text and towers: fetched as byte ranges
+
+
+def _partial(commit: str) -> Path:
+    return hub.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial" / commit
+
+
+def _same_tensors(fetched: Path, original: Path) -> bool:
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(fetched), load_file(original)
+    return bool(mine) and all(torch.equal(tensor, theirs[key]) for key, tensor in mine.items())
+
+
+def _with_header(source: Path, target: Path, shard: str, edit) -> Path:
+    """A copy of ``source`` whose ``shard`` has its safetensors header JSON changed by ``edit``."""
+    shutil.copytree(source, target)
+    raw = (target / shard).read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    (target / shard).write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    return target
+
+
+@pytest.mark.parametrize(("name", "offset", "what"), [(WHOLE, 300_000, "sha256"), ("tokenizer.json", 1000, "git blob id")])
+def test_a_changed_byte_at_the_same_size_is_caught_and_refetched(server, mixed, name, offset, what):
+    server.flips[name] = offset
+    with pytest.raises(hub.ContentError, match=f"{name}: the bytes that arrived") as error:
+        hub.fetch(REPO, progress=False)
+    assert what in str(error.value) and "next call fetches" in str(error.value)
+    partial = _partial(server.repos[REPO].commit)
+    assert not (partial / name).exists() and not (partial / (name + ".incomplete")).exists()
+    assert hub.cached_checkpoint(REPO) is None
+    server.flips.clear()
+    report = hub.fetch(REPO, progress=False)
+    assert (report.path / name).read_bytes() == (mixed / name).read_bytes()
+
+
+def test_another_models_bytes_under_the_listed_commit_are_refused(server, mixed, other):
+    server.repos[REPO].serve = other   # the listing still describes `mixed`
+    with pytest.raises(hub.ContentError, match="not the file the listing names"):
+        hub.fetch(REPO, progress=False)
+    partial = _partial(server.repos[REPO].commit)
+    assert not (partial / RANGED).exists(), "a shard rebuilt from the same server's ranges is not trusted either"
+    server.repos[REPO].serve = None
+    report = hub.fetch(REPO, progress=False)
+    for shard in (WHOLE, RANGED):
+        assert _same_tensors(report.path / shard, mixed / shard)
+
+
+def test_a_ranged_answer_from_a_file_of_another_size_is_refused(server, mixed, tmp_path):
+    longer = tmp_path / "longer"
+    shutil.copytree(mixed, longer)
+    with open(longer / RANGED, "ab") as f:   # the same header and tensors, then more: Content-Range says so
+        f.write(bytes(1000))
+    server.repos[REPO].serve = longer
+    with pytest.raises(hub.FetchError, match=f"{RANGED}: the hub lists .* bytes, the server answered from a file of"):
+        hub.fetch(REPO, progress=False)
+
+
+@pytest.mark.parametrize("shard", [WHOLE, RANGED])
+def test_a_flipped_bit_in_a_leftover_incomplete_file_is_not_resumed_from(server, mixed, monkeypatch, shard):
+    monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
+    server.cuts[shard] = [100_000] + [0] * hub_http.ATTEMPTS
+    with pytest.raises(hub.FetchError, match="run again to resume"):
+        hub.fetch(REPO, progress=False)
+    leftover = _partial(server.repos[REPO].commit) / (shard + ".incomplete")
+    with open(leftover, "r+b") as f:   # one bit, in bytes the journal vouches for
+        f.seek(60_000)
+        byte = f.read(1)[0]
+        f.seek(60_000)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.warns(UserWarning, match="differ from what was fetched into it"):
+        report = hub.fetch(REPO, progress=False)
+    assert _same_tensors(report.path / shard, mixed / shard)
+
+
+def test_a_flipped_bit_in_an_unjournalled_leftover_is_caught_by_the_listed_hash(server, mixed, monkeypatch):
+    monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
+    server.cuts[WHOLE] = [100_000] + [0] * hub_http.ATTEMPTS
+    with pytest.raises(hub.FetchError):
+        hub.fetch(REPO, progress=False)
+    leftover = _partial(server.repos[REPO].commit) / (WHOLE + ".incomplete")
+    (leftover.parent / (leftover.name + ".sha256")).unlink()   # say, written by a process killed at once
+    raw = bytearray(leftover.read_bytes())
+    raw[60_000] ^= 0x10
+    leftover.write_bytes(bytes(raw))
+    with pytest.raises(hub.ContentError, match=f"{WHOLE}: the bytes that arrived hash to sha256"):
+        hub.fetch(REPO, progress=False)
+    assert not leftover.exists()
+    assert (hub.fetch(REPO, progress=False).path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_file_of_an_earlier_snapshot_is_not_reused(server, mixed, damage):
+    first = hub.fetch(REPO, progress=False)
+    old = first.path / WHOLE
+    raw = bytearray(old.read_bytes())
+    if damage == "flip":
+        raw[300_000] ^= 0x01
+    with open(old, "r+b") as f:   # in place, as disk damage would be
+        f.write(bytes(raw[:-1000] if damage == "truncate" else raw))
+        f.truncate()
+    server.add(REPO, mixed)   # a new commit, same files
+    with pytest.warns(UserWarning, match="damaged, so it is fetched instead of used"):
+        second = hub.fetch(REPO, progress=False)
+    assert WHOLE not in second.files_reused and RANGED in second.files_reused
+    assert (second.path / WHOLE).stat().st_ino != old.stat().st_ino
+    assert (second.path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
+
+
+def test_overlapping_tensors_in_a_remote_header_are_refused_as_the_loader_refuses_them(server, mixed, tmp_path):
+    def share(header):
+        config = read_config(mixed)
+        read = set(keys_read(header, config)[0])
+        by_size: dict[int, list[str]] = {}
+        for key, entry in header.items():
+            if key in read:
+                by_size.setdefault(entry["data_offsets"][1] - entry["data_offsets"][0], []).append(key)
+        first, second = next(keys for keys in by_size.values() if len(keys) > 1)[:2]
+        header[second]["data_offsets"] = header[first]["data_offsets"]
+
+    bad = _with_header(mixed, tmp_path / "overlap", RANGED, share)
+    with pytest.raises(CheckpointError, match=RANGED):
+        g3n.load(bad)   # safetensors refuses it on open
+    server.add("g3n-test/overlap", bad)
+    with pytest.raises(CheckpointError, match="share bytes"):
+        hub.fetch("g3n-test/overlap", progress=False)
+    assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
+
+
+def _negative_dims(header):
+    key = next(k for k, e in header.items() if k.startswith("model.language_model.") and len(e.get("shape", [])) == 2)
+    header[key]["shape"] = [-d for d in header[key]["shape"]]   # the same product, so the sizes still add up
+
+
+def _string_dims(header):
+    key = next(k for k, e in header.items() if k.startswith("model.language_model.") and len(e.get("shape", [])) == 2)
+    header[key]["shape"] = [str(d) for d in header[key]["shape"]]
+
+
+def _metadata_not_strings(header):
+    header["__metadata__"] = {"format": 1}
+
+
+@pytest.mark.parametrize("edit", [_negative_dims, _string_dims, _metadata_not_strings])
+def test_a_malformed_header_entry_is_refused_before_its_ranges_and_not_called_transient(server, mixed, tmp_path, edit):
+    bad = _with_header(mixed, tmp_path / "malformed", RANGED, edit)
+    with pytest.raises(CheckpointError):
+        g3n.load(bad)
+    server.add("g3n-test/malformed", bad)
+    with pytest.raises(CheckpointError, match=RANGED) as error:
+        hub.fetch("g3n-test/malformed", progress=False)
+    assert "again" not in str(error.value), "not transient: another run repeats it"
+    assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
+
+
+def test_a_mixed_shard_named_like_a_tokenizer_file_is_planned_by_its_content(server, mixed, tmp_path):
+    renamed = tmp_path / "renamed"
+    shutil.copytree(mixed, renamed)
+    name = "tokenizer-00001.safetensors"
+    (renamed / RANGED).rename(renamed / name)
+    index = json.loads((renamed / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: name if f == RANGED else f for k, f in index["weight_map"].items()}
+    (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
+    server.add("g3n-test/renamed", renamed)
+    report = hub.fetch("g3n-test/renamed", progress=False)
+    assert name in report.files_ranged
+    size = (renamed / name).stat().st_size
+    assert (0, size) not in server.served("g3n-test/renamed", name), "never fetched whole, tower bytes included"
+    assert _same_tensors(report.path / name, renamed / name)
+
+
+# --- no link followed out of the cache ---------------------------------------------------------------
+
+def _plant(where: str, server, mixed, tmp_path) -> tuple[Path, Path]:
+    """A symbolic link at ``where`` in the cache; (the link, what it points at)."""
+    commit = server.repos[REPO].commit
+    repo = hub.cache_root() / f"models--{REPO.replace('/', '--')}"
+    if where in ("file in snapshot", "ref"):
+        hub.fetch(REPO, progress=False)
+    if where == "incomplete":
+        target, link = tmp_path / "precious.txt", repo / "partial" / commit / (WHOLE + ".incomplete")
+        target.write_text("a user's file " * 1000)
+    elif where == "partial":
+        target, link = tmp_path / "elsewhere", repo / "partial" / commit
+        target.mkdir()
+    elif where == "snapshot":
+        target, link = tmp_path / "another", repo / "snapshots" / commit
+        shutil.copytree(mixed, target)
+    elif where == "file in snapshot":
+        target, link = tmp_path / "another.safetensors", repo / "snapshots" / commit / WHOLE
+        shutil.copy(mixed / WHOLE, target)
+        link.unlink()
+    else:
+        target, link = tmp_path / "commit.txt", repo / "refs" / "main"
+        target.write_text(commit)
+        link.unlink()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link, target
+
+
+@pytest.mark.parametrize("where", ["incomplete", "partial", "snapshot", "file in snapshot", "ref"])
+def test_a_symbolic_link_planted_in_the_cache_is_refused_and_never_followed(server, mixed, tmp_path, where):
+    link, target = _plant(where, server, mixed, tmp_path)
+    before = target.read_bytes() if target.is_file() else sorted(p.name for p in target.iterdir())
+    with pytest.raises(hub.CacheLinkError, match=re.escape(str(link))):
+        hub.fetch(REPO, progress=False)
+    if where not in ("incomplete", "partial"):   # a snapshot is cached (or looks it): never loaded, even offline
+        revision = server.repos[REPO].commit if where == "snapshot" else None
+        with pytest.raises(hub.CacheLinkError, match=re.escape(str(link))):
+            g3n.load(REPO, revision=revision, download=False)
+    after = target.read_bytes() if target.is_file() else sorted(p.name for p in target.iterdir())
+    assert after == before, "nothing was written through the link"
+    link.unlink()
+    with warnings.catch_warnings(record=True) as caught:   # once the link is gone, the fetch works (and repairs)
+        warnings.simplefilter("always")
+        assert hub.fetch(REPO, progress=False).path.name == server.repos[REPO].commit
+    assert all("repairing" in str(w.message) for w in caught) and (where == "file in snapshot") == bool(caught)
+
+
+def test_a_dangling_link_in_the_fetchs_own_directory_is_removed(server, mixed):
+    link = _partial(server.repos[REPO].commit) / (WHOLE + ".incomplete")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(link.parent / "nowhere")
+    with pytest.warns(UserWarning, match="dangling symbolic link"):
+        report = hub.fetch(REPO, progress=False)
+    assert (report.path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
+
+
+# --- unclear crashes made clear ------------------------------------------------------------------------
+
+def test_a_revision_too_long_for_a_file_name_is_refused_before_any_request(server):
+    with pytest.raises(ValueError, match="at most 200 fit"):
+        g3n.load(REPO, revision="b" * 1000)
+    with pytest.raises(ValueError, match="at most 200 fit"):
+        hub.fetch(REPO, "é" * 40, progress=False)   # 40 characters, 240 once quoted
+    assert server.requests == []
+
+
+def test_a_complete_snapshot_on_a_read_only_cache_is_used_as_it_is(server, monkeypatch, recwarn):
+    first = hub.fetch(REPO, progress=False)
+    requests = len(server.log)
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: read_only(path) if flags & (
+        os.O_WRONLY | os.O_RDWR | os.O_CREAT) else real_open(path, flags, *a, **k))
+    monkeypatch.setattr(os, "mkdir", read_only)
+    monkeypatch.setattr(hub_files, "atomic_write", read_only)
+    assert hub.locate(REPO, progress=False) == first.path   # online: the listing names the cached commit
+    assert not [w for w in recwarn if "could not record" in str(w.message)], "nothing needed writing"
+    with pytest.warns(UserWarning, match=r"could not record .*Read-only file system"):
+        assert hub.fetch(REPO, first.commit, progress=False).cached   # refs/<commit> is new, and cannot be written
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.locate(REPO) == first.path
+    assert len(server.log) == requests
+
+
+@pytest.mark.parametrize("size", [None, 0])
+def test_a_listing_without_sizes_fetches_small_files_and_names_a_shard_it_cannot_plan(server, mixed, size):
+    small = [p.name for p in mixed.iterdir() if not p.name.endswith(".safetensors")]
+    server.sizes = {name: size for name in small}
+    report = hub.fetch(REPO, progress=False)
+    for name in small:
+        if name != "model.safetensors.index.json":   # rewritten: it lists the text tensors only
+            assert (report.path / name).read_bytes() == (mixed / name).read_bytes()
+    server.sizes = {p.name: size for p in mixed.iterdir()}
+    server.add(REPO, mixed)
+    with pytest.raises(CheckpointError, match=f"lists {RANGED} with no size") as error:
+        hub.fetch(REPO, progress=False)
+    assert "valid JSON" not in str(error.value)
+
+
+def test_a_full_disk_is_named_with_its_path_and_the_fetch_resumes_later(server, mixed, monkeypatch):
+    budget = [150_000]
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            if len(data) > budget[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            budget[0] -= len(data)
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    def fdopen(fd, *args, **kwargs):
+        file = real_fdopen(fd, *args, **kwargs)
+        return Full(file) if os.readlink(f"/proc/self/fd/{fd}").endswith(".incomplete") else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(hub.DiskFullError, match=r"no space left on device writing .*\.incomplete") as error:
+        hub.fetch(REPO, progress=False)
+    assert error.value.errno == errno.ENOSPC and isinstance(error.value, hub.FetchError)
+    assert str(_partial(server.repos[REPO].commit)) in str(error.value)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    report = hub.fetch(REPO, progress=False)
+    assert report.resumed_from > 0
+    assert _same_tensors(report.path / RANGED, mixed / RANGED)
+
+
+def test_a_busy_or_failing_hub_is_asked_again_for_the_file_list(server, monkeypatch):
+    waits = []
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
+    server.info_errors = [429, 500]
+    assert hub.fetch(REPO, progress=False).commit == server.repos[REPO].commit
+    assert waits == [1.0, 1.0], "Retry-After is honoured on the model-info request too"
+    server.info_errors = [503] * hub_http.ATTEMPTS
+    with pytest.raises(hub.FetchError, match="did not list the files"):
+        hub.fetch(REPO, progress=False)
+
+
+# --- lost work ---------------------------------------------------------------------------------------
+
+def test_an_interrupted_fetch_is_reused_when_the_hub_moves_to_a_commit_with_the_same_files(server, mixed, monkeypatch):
+    monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
+    late = "model-00003-of-00005.safetensors"   # planned last
+    server.cuts[late] = [20_000] + [0] * hub_http.ATTEMPTS
+    with pytest.raises(hub.FetchError):
+        hub.fetch(REPO, progress=False)
+    old = _partial(server.repos[REPO].commit)
+    assert (old / WHOLE).exists() and (old / RANGED).exists() and (old / (late + ".incomplete")).exists()
+    served = len(server.log)
+    server.add(REPO, mixed)   # the hub moves on: same files, new commit
+    report = hub.fetch(REPO, progress=False)
+    assert sorted(report.files_reused) == [RANGED, WHOLE]
+    assert report.resumed_from >= 20_000, "the shard in progress continues where it stopped"
+    again = [(name, start, end) for _, name, start, end in server.log[served:] if name.endswith(".safetensors")]
+    assert {name for name, _, _ in again} == {late}, "only the unfinished shard is asked for"
+    assert not old.exists(), "the interrupted fetch's directory is not left behind"
+    assert torch.equal(logits(g3n.load(REPO)), logits(g3n.load(mixed)))
+
+
+def test_a_damaged_snapshot_is_named_and_the_next_fetch_repairs_only_what_is_damaged(server, mixed):
+    first = hub.fetch(REPO, progress=False)
+    assert hub.verify(first.path) == []
+    with open(first.path / WHOLE, "r+b") as f:   # one bit: only a full re-check sees it
+        f.seek(300_000)
+        byte = f.read(1)[0]
+        f.seek(300_000)
+        f.write(bytes([byte ^ 0x01]))
+    assert hub.verify(first.path) == [f"{first.path / WHOLE} does not hash to the sha256 recorded when it was fetched"]
+    with open(first.path / RANGED, "r+b") as f:   # a resize: every use sees it (one stat per file)
+        f.truncate(1000)
+    with pytest.warns(UserWarning, match=f"{RANGED} is 1000 bytes.*damaged and not used"):
+        assert hub.cached_checkpoint(REPO) is None
+    served = len(server.log)
+    with pytest.warns(UserWarning) as caught:
+        report = hub.fetch(REPO, progress=False)
+    assert "repairing" in str(caught[0].message)
+    assert {str(w.message).split(":")[0].split(" ")[0] for w in caught[1:]} == {
+        str(report.path.parent.parent / "partial" / report.commit / name) for name in (WHOLE, RANGED)}
+    refetched = {name for _, name, start, end in server.log[served:] if end - start > 64 * 1024}   # not headers
+    assert refetched == {WHOLE, RANGED}
+    assert hub.verify(report.path) == [] and report.path == first.path
+    assert _same_tensors(report.path / WHOLE, mixed / WHOLE) and _same_tensors(report.path / RANGED, mixed / RANGED)

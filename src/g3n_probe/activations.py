@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -51,13 +51,20 @@ def _layer_list(name: str, n_layers: int, selected: list[int]) -> tuple[str, lis
     return name, selected
 
 
-def select(model: Any, points: Sequence[str], layers: Iterable[int] | None = None) -> list[tuple[str, Point, int | None]]:
-    """(cache key, row, layer) in execution order; a clear error for unknown names or layers."""
+def select(model: Any, points: Sequence[str] | Callable[[str], bool], layers: Iterable[int] | None = None
+           ) -> list[tuple[str, Point, int | None]]:
+    """(cache key, row, layer) in execution order; a clear error for unknown names or layers.
+
+    ``points`` may be a name filter instead of names (TransformerLens' ``names_filter``): it is called with
+    every qualified name this model has (``"embed"``, ``"layers.3.mlp_out"``, ``"layers.3.output"``; points
+    that never fire here, such as ``attn_pattern`` under sdpa, are not offered) and keeps those it is true for."""
     n_layers = model.text_config.num_hidden_layers
     selected = list(range(n_layers)) if layers is None else sorted(set(layers))
     bad_layers = [i for i in selected if not 0 <= i < n_layers]
     if bad_layers:
         raise ValueError(f"layers {bad_layers} out of range: this model has layers 0..{n_layers - 1}")
+    if callable(points):
+        points = _filtered(model, points, selected)
     wanted: set[tuple[Point, int | None]] = set()
     for name in points:
         base, layer_list = _layer_list(name, n_layers, selected)
@@ -67,6 +74,18 @@ def select(model: Any, points: Sequence[str], layers: Iterable[int] | None = Non
                              "(per layer as 'layers.<i>.<name>' or for every selected layer as '<name>')")
         wanted.update([(point, None)] if point.scope == MODEL else [(point, i) for i in layer_list])
     return [(point.qualified(layer), point, layer) for point, layer in in_execution_order(wanted)]
+
+
+def _filtered(model: Any, names_filter: Callable[[str], bool], selected: list[int]) -> list[str]:
+    """Every qualified name available in ``model`` (at the ``selected`` layers) that ``names_filter`` keeps."""
+    offered = [(point, None) for point in TABLE if point.scope == MODEL]
+    offered += [(point, i) for i in selected for point in TABLE if point.scope != MODEL]
+    available = [point.qualified(layer) for point, layer in offered if model.injection.unavailable(point, layer) is None]
+    kept = [name for name in available if names_filter(name)]
+    if not kept:
+        raise ValueError("the name filter kept no point: it is called with qualified names such as "
+                         f"{', '.join(repr(n) for n in available[:3])}, …")
+    return kept
 
 
 def encode_inputs(model: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,7 +155,7 @@ def collect(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int
 
 def check_available(model: Any, resolved: list[tuple[str, Point, int | None]]) -> None:
     """Raise naming the first point that never fires in this model (``attn_pattern`` under sdpa)."""
-    for _, point, _ in resolved:
-        reason = model.injection.unavailable(point)
+    for _, point, layer in resolved:
+        reason = model.injection.unavailable(point, layer)
         if reason:
             raise ValueError(reason)

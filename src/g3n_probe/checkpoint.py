@@ -286,6 +286,35 @@ def parse_header(text: bytes, size: int, where: str) -> dict[str, tuple[str, lis
     return entries
 
 
+def check_as_safetensors_does(text: bytes, size: int, where: str) -> None:
+    """What `parse_header` lets through but safetensors refuses on open (so the loader refuses too):
+    dims and offsets that are not non-negative JSON integers (``"4"``, ``2.0``, ``true``, ``-2``),
+    ``__metadata__`` that is not a map of strings, and tensors that leave gaps or do not end where the
+    file does. The hub fetch runs it on a remote header before a byte of its tensors moves."""
+    header = json.loads(text)
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{where}: the header's __metadata__ must map names to strings; got {metadata!r}")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        numbers = list(entry["shape"]) + list(entry["data_offsets"])
+        if len(entry["data_offsets"]) != 2 or not all(_is_int(n) and n >= 0 for n in numbers):
+            raise CheckpointError(f"{where}: the header's entry for {key} is malformed (shape and data_offsets "
+                                  f"must be non-negative integers): {entry!r}")
+        spans.append((entry["data_offsets"][0], entry["data_offsets"][1], key))
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start != end:
+            raise CheckpointError(f"{where}: the header leaves bytes {end}..{start} before {key} to no tensor; "
+                                  "safetensors refuses a file with gaps")
+        end = stop
+    if 8 + len(text) + end != size:
+        raise CheckpointError(f"{where}: the header's tensors end at byte {8 + len(text) + end}, the file at {size}")
+
+
 def tensor_offsets(path: Path) -> dict[str, tuple[str, list[int], int]]:
     """Key -> (safetensors dtype, shape, first byte) in a local file, from its header (no data read)."""
     size = path.stat().st_size

@@ -1,22 +1,27 @@
 """From a hub id to a local text-only checkpoint, fetching only the bytes the text path reads.
 
 A Gemma 3n repository holds the text model and two towers g3n_probe never runs. `fetch` asks the
-hub for the commit and its files (one request), takes ``config.json`` first (anything that is not
-Gemma 3n is refused before a weight byte moves), then reads the index to see which shards hold
-tensors the loader reads (`checkpoint.keys_read`):
+hub for the commit and its files (one request; a busy hub's 429/5xx is asked again, as it asks),
+takes ``config.json`` first (anything that is not Gemma 3n is refused before a weight byte moves),
+then reads the index to see which shards hold tensors the loader reads (`checkpoint.keys_read`).
+What happens to a shard is decided by what the index says it holds, never by its name:
 
 * a shard holding none of them is never requested;
-* a shard holding only them is fetched whole;
+* a shard holding only them is fetched whole, hashed as it streams and compared with the LFS
+  sha256 the hub lists;
 * a mixed shard is fetched as the byte ranges of those tensors (HTTP ``Range``, as
   huggingface_hub's file system reads), written into a safetensors file of its own whose header
-  lists just them.
+  lists just them. Its remote header is checked as the loader checks a file (`parse_header`:
+  overlapping tensors refused; `check_as_safetensors_does`) before a byte of its tensors moves.
 
 Everything goes into ``<root>/models--<org>--<name>/partial/<commit>/`` and is renamed to
 ``snapshots/<commit>/`` in one step when every file is complete and checked, so a half-fetched
 checkpoint is never loaded. A shard in progress is ``<name>.incomplete``: bytes are appended in a
 fixed order, so its size says where to resume (after a cut connection, in the same call; after an
-interrupt, on the next). ``refs/<revision>`` records the commit for offline use. A shard whose
-remote file is unchanged (same LFS sha256) is taken from an earlier snapshot instead of fetched.
+interrupt, on the next, from the bytes its journal vouches for). ``refs/<revision>`` records the
+commit for offline use. A shard whose remote file is unchanged (same LFS sha256) is taken from an
+earlier snapshot, or from an interrupted fetch of another commit, after hashing it again. How the
+cache is laid out, and why no link in it is ever followed: `hub_files`.
 
 The root is ``cache_dir``, else ``$G3N_PROBE_CACHE/hub`` (default ``~/.cache/g3n_probe/hub``);
 a full snapshot already in the Hugging Face cache is used as it is. Requests go through
@@ -35,27 +40,56 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from ._util import atomic_write
 from .checkpoint import (
     FETCH_NOTE,
     INDEX,
     PICKLE_SUFFIXES,
     SINGLE,
     CheckpointError,
+    check_as_safetensors_does,
     header_length,
     keys_in,
     keys_read,
     parse_header,
     read_config,
 )
-from .hub_http import FetchError, HubAccessError, HubClient, Transient, wait_or_give_up
+from .hub_files import (
+    MAX_REF_NAME,
+    RECORD,
+    REVISION_FILE,
+    CacheLinkError,
+    ContentError,
+    DiskFullError,
+    check_entries,
+    complete_snapshot,
+    damaged,
+    earlier_files,
+    hash_file,
+    link_or_copy,
+    read_record,
+    read_ref,
+    read_small,
+    real_dir,
+    ref_file,
+    ref_name,
+    repo_dir,
+    same_identity,
+    verified,
+    write_file,
+    write_ref,
+)
+from .hub_http import FetchError, HubAccessError, HubClient, Listing
+from .hub_write import FilePlan, adopt, bytes_on_disk, fetch_small, fill, forget_ranged
 
-RECORD = ".g3n_fetch.json"   # per snapshot: which remote file (LFS sha256) each local file was cut from
+__all__ = ["CacheLinkError", "ContentError", "DiskFullError", "FetchError", "FetchReport", "HubAccessError",
+           "cache_root", "cached_checkpoint", "fetch", "fetch_config", "hf_cache_checkpoint", "is_offline",
+           "locate", "looks_like_hub_id", "verify"]
+
 _HEX_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 # The files a checkpoint directory needs besides its weights: config, generation settings, tokenizer.
+# Chosen by name, but never a weight file: every .safetensors file is planned from the index.
 _SMALL_FILE = re.compile(r"^(config\.json|generation_config\.json|tokenizer[\w.\-]*|special_tokens_map\.json|"
                          r"added_tokens\.json|chat_template[\w.\-]*|README\.md|LICENSE[\w.\-]*)$")
 
@@ -91,6 +125,10 @@ def _check_names(repo_id: str, revision: str | None) -> None:
         raise ValueError(f"{repo_id!r} is not a valid hub id: {error}") from None
     if revision is not None and (revision.strip(".") == "" or "\\" in revision or "\0" in revision):
         raise ValueError(f"revision={revision!r} is not a branch, tag or commit")
+    if revision is not None and len(ref_name(revision).encode()) > MAX_REF_NAME:
+        raise ValueError(f"revision is {len(revision)} characters ({len(ref_name(revision).encode())} as the file "
+                         f"name that records it); at most {MAX_REF_NAME} fit the cache's refs/ directory: pass a "
+                         "branch, tag or 40-digit commit")
 
 
 @dataclass
@@ -111,27 +149,30 @@ class FetchReport:
     cached: bool = False            # nothing fetched: the checkpoint was already here
 
 
-# --- where things are on disk --------------------------------------------------------------------
-
-def _repo_dir(root: Path, repo_id: str) -> Path:
-    return root / ("models--" + repo_id.replace("/", "--"))
-
-
-def _ref_file(root: Path, repo_id: str, revision: str) -> Path:
-    return _repo_dir(root, repo_id) / "refs" / quote(revision, safe="")
-
+# --- what is cached ------------------------------------------------------------------------------
 
 def cached_checkpoint(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The complete text-only checkpoint of ``repo_id`` at ``revision`` in the g3n cache, if any."""
+    """The complete text-only checkpoint of ``repo_id`` at ``revision`` in the g3n cache, if any; a
+    symbolic link on the way (the ref, the snapshot, a file in it) is a `CacheLinkError`."""
     root, revision = cache_root(cache_dir), revision or "main"
-    commit = revision
-    if not _HEX_COMMIT.match(revision):
-        ref = _ref_file(root, repo_id, revision)
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    snapshot = _repo_dir(root, repo_id) / "snapshots" / commit
-    return snapshot if _HEX_COMMIT.match(commit) and snapshot.is_dir() else None
+    commit = revision if _HEX_COMMIT.match(revision) else read_ref(ref_file(root, repo_id, revision), root)
+    if commit is None or not _HEX_COMMIT.match(commit):
+        return None
+    snapshot = repo_dir(root, repo_id) / "snapshots" / commit
+    if not complete_snapshot(snapshot, root):
+        return None
+    if problems := damaged(snapshot):
+        warnings.warn(f"{'; '.join(problems)}: the cached checkpoint {snapshot} is damaged and not used; fetching "
+                      "it again (online) repairs it, fetching only what is damaged", stacklevel=2)
+        return None
+    return snapshot
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """A fetched checkpoint re-checked: every file hashed again against the sha256 recorded when it was
+    fetched (one read of the checkpoint). What differs, or nothing. (Each use checks only that no file
+    is missing or resized; each reuse in a later fetch hashes the file again.)"""
+    return damaged(Path(path), full=True)
 
 
 def hf_cache_checkpoint(repo_id: str, revision: str | None = None) -> Path | None:
@@ -154,51 +195,37 @@ def hf_cache_checkpoint(repo_id: str, revision: str | None = None) -> Path | Non
 
 # --- what to fetch -------------------------------------------------------------------------------
 
-@dataclass
-class _FilePlan:
-    """A local file as ``prefix`` followed by byte ranges of one remote file, in order; or, when an
-    earlier snapshot holds a file of the same identity, that file."""
-
-    name: str
-    pieces: list[tuple[int, int]]      # (start, end) in the remote file of the same name
-    prefix: bytes = b""                # a header written locally (mixed shards)
-    identity: dict[str, Any] = field(default_factory=dict)   # equal identities make equal files
-    reuse: Path | None = None
-
-    @property
-    def size(self) -> int:
-        if self.reuse is not None:
-            return self.reuse.stat().st_size
-        return len(self.prefix) + sum(end - start for start, end in self.pieces)
-
-
 def _shard_identity(remote_sha256: str | None, keys: set[str]) -> dict[str, Any]:
     """The remote file (its LFS hash) and the tensors taken from it: all a local file depends on."""
     return {"remote_sha256": remote_sha256, "keys": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()}
 
 
-def _earlier(repo: Path) -> dict[str, list[tuple[dict, Path]]]:
-    """File name -> (identity, path) of every file in the repository's complete snapshots."""
-    found: dict[str, list[tuple[dict, Path]]] = {}
-    for snapshot in sorted((repo / "snapshots").glob("*")):
-        try:
-            record = json.loads((snapshot / RECORD).read_text())
-        except (OSError, ValueError):
-            continue
-        for name, identity in record.items() if isinstance(record, dict) else ():
-            if (snapshot / name).is_file():
-                found.setdefault(name, []).append((identity, snapshot / name))
-    return found
+def _check_shard(hub: HubClient, listing: Listing, filename: Any) -> None:
+    if not isinstance(filename, str) or "/" in filename or filename.startswith(".") \
+            or not filename.endswith(".safetensors"):
+        raise CheckpointError(f"{hub.repo_id}: the index names {filename!r}; shards must be .safetensors files "
+                              "beside it")
+    if filename not in listing.sizes:
+        raise CheckpointError(f"{hub.repo_id}: the index names {filename}, which the repository does not hold")
+    if not listing.sizes[filename]:
+        raise CheckpointError(f"{hub.repo_id}: the hub lists {filename} with no size (null or 0); a shard's byte "
+                              "ranges are planned from its listed size, so it cannot be fetched. The listing is the "
+                              "hub's: try again later, or download the repository another way and load its directory")
 
 
-def _remote_header(hub: HubClient, commit: str, filename: str, size: int) -> dict[str, Any]:
-    """A remote safetensors file's header entries (`checkpoint.parse_header`): two small ranged reads."""
+def _remote_header(hub: HubClient, listing: Listing, filename: str) -> dict[str, Any]:
+    """A remote safetensors file's header entries: two small ranged reads, checked as the loader checks
+    a local file (`parse_header` refuses overlapping tensors) before any of its tensors' bytes move."""
+    size = listing.sizes[filename] or 0
     where = f"{hub.repo_id}/{filename}"
-    length = header_length(hub.read(commit, filename, 0, 8) if size >= 8 else b"", size, where)
-    return parse_header(hub.read(commit, filename, 8, 8 + length), size, where)
+    length = header_length(hub.read(listing.commit, filename, 0, 8, size) if size >= 8 else b"", size, where)
+    text = hub.read(listing.commit, filename, 8, 8 + length, size)
+    header = parse_header(text, size, where)
+    check_as_safetensors_does(text, size, where)
+    return header
 
 
-def _ranged_plan(hub: HubClient, filename: str, header: dict[str, Any], keys: set[str]) -> _FilePlan:
+def _ranged_plan(hub: HubClient, filename: str, header: dict[str, Any], keys: set[str]) -> FilePlan:
     """A safetensors file holding only ``keys``: a new header, then their bytes as remote ranges."""
     if missing := sorted(keys - set(header)):
         raise CheckpointError(f"{hub.repo_id}/{filename} does not contain {missing[0]}, although the index says it does")
@@ -215,121 +242,55 @@ def _ranged_plan(hub: HubClient, filename: str, header: dict[str, Any], keys: se
             pieces.append((start, end))
     text = json.dumps(out, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)   # safetensors pads its header to 8 bytes
-    return _FilePlan(filename, pieces, struct.pack("<Q", len(text)) + text)
+    return FilePlan(filename, pieces, prefix=struct.pack("<Q", len(text)) + text)
 
 
-def _plan(hub: HubClient, commit: str, sizes: dict[str, int], hashes: dict[str, str], config: Any, index: dict | None,
-          earlier: dict[str, list[tuple[dict, Path]]]) -> tuple[list[_FilePlan], list[str]]:
+def _reused(name: str, identity: dict[str, Any], complete: dict[str, list[tuple[dict, Path]]]) -> FilePlan | None:
+    """``name`` taken from an earlier fetch: the first file of the same identity that still hashes to
+    its record (a damaged one is passed over with a warning, and the file fetched instead)."""
+    for entry, path in complete.get(name, ()):
+        if same_identity(entry, identity) and (digest := verified(path, entry)) is not None:
+            return FilePlan(name, [], reuse=path, reuse_sha256=digest)
+    return None
+
+
+def _plan(hub: HubClient, listing: Listing, config: Any, index: dict | None,
+          earlier: tuple[dict[str, list[tuple[dict, Path]]], dict[str, list[tuple[dict, Path]]]],
+          ) -> tuple[list[FilePlan], list[str]]:
     """The weight files to fetch (whole or ranged) or reuse, and the shards never touched."""
-
     headers: dict[str, dict[str, Any]] = {}
     if index is None:
-        headers[SINGLE] = _remote_header(hub, commit, SINGLE, sizes[SINGLE])
+        _check_shard(hub, listing, SINGLE)
+        headers[SINGLE] = _remote_header(hub, listing, SINGLE)
         mapping = {key: SINGLE for key in headers[SINGLE] if key != "__metadata__"}
     else:
         mapping = index["weight_map"]
-    read = set(keys_read(mapping, config)[0])
     held: dict[str, set[str]] = {}
     for key, filename in mapping.items():
+        _check_shard(hub, listing, filename)
         held.setdefault(filename, set()).add(key)
+    read = set(keys_read(mapping, config)[0])
     plans, skipped = [], []
     for filename in sorted(held):
-        if not isinstance(filename, str) or "/" in filename or filename.startswith(".") \
-                or not filename.endswith(".safetensors"):
-            raise CheckpointError(f"{hub.repo_id}: the index names {filename!r}; shards must be .safetensors files "
-                                  "beside it")
-        if filename not in sizes:
-            raise CheckpointError(f"{hub.repo_id}: the index names {filename}, which the repository does not hold")
         wanted = held[filename] & read
-        identity = _shard_identity(hashes.get(filename), wanted)
-        same = [path for seen, path in earlier.get(filename, ()) if seen == identity and identity["remote_sha256"]]
         if not wanted:
             skipped.append(filename)
-        elif same:
-            plans.append(_FilePlan(filename, [], identity=identity, reuse=same[0]))
-        elif wanted == held[filename] and index is not None:
-            plans.append(_FilePlan(filename, [(0, sizes[filename])], identity=identity))
-        else:
-            if filename not in headers:
-                headers[filename] = _remote_header(hub, commit, filename, sizes[filename])
-            plans.append(_ranged_plan(hub, filename, headers[filename], wanted))
-            plans[-1].identity = identity
+            continue
+        identity = _shard_identity(listing.sha256.get(filename), wanted)
+        plan = _reused(filename, identity, earlier[0])
+        if plan is None:
+            if wanted == held[filename] and index is not None:   # by content: every tensor in it is read
+                plan = FilePlan(filename, [(0, listing.sizes[filename])], sha256=listing.sha256.get(filename))
+            else:
+                if filename not in headers:
+                    headers[filename] = _remote_header(hub, listing, filename)
+                plan = _ranged_plan(hub, filename, headers[filename], wanted)
+            plan.remote_size = listing.sizes[filename]
+            plan.adopt = next((path for entry, path in earlier[1].get(filename, ()) if same_identity(entry, identity)),
+                              None)
+        plan.identity, plan.keys = identity, wanted
+        plans.append(plan)
     return plans, skipped
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-def _fill(hub: HubClient, commit: str, plan: _FilePlan, directory: Path, progress: Any) -> int:
-    """Make ``directory/plan.name`` complete, resuming ``.incomplete``; returns the bytes fetched."""
-
-    target = directory / plan.name
-    if target.exists() and target.stat().st_size == plan.size:
-        return 0
-    partial = directory / (plan.name + ".incomplete")
-    fetched = 0
-    with open(partial, "ab+") as out:
-        out.seek(0)
-        if out.read(len(plan.prefix)) != plan.prefix or out.seek(0, os.SEEK_END) > plan.size:
-            out.truncate(0)            # a different plan, or garbage: start over
-            out.write(plan.prefix)
-        out.seek(0, os.SEEK_END)       # appends only: the size says where to resume
-        position = len(plan.prefix)    # where the current piece starts in the local file
-        for start, end in plan.pieces:
-            length, failures = end - start, 0
-            while True:
-                done = min(max(out.tell() - position, 0), length)
-                if done == length:
-                    break
-                arrived = 0
-                try:
-                    for chunk in hub.stream(commit, plan.name, start + done, end):
-                        if arrived + len(chunk) > length - done:
-                            raise FetchError(f"{hub.repo_id}/{plan.name}: the server sent more bytes than asked for")
-                        out.write(chunk)
-                        arrived += len(chunk)
-                        if progress is not None:
-                            progress.update(len(chunk))
-                    if arrived < length - done:
-                        raise Transient(f"the answer ended after {arrived} of {length - done} bytes")
-                except Transient as error:  # a cut connection: resume from what arrived
-                    out.flush()
-                    failures = wait_or_give_up(hub, plan.name, 0 if arrived else failures, error,
-                                                f"run again to resume from {out.tell()} of {plan.size} bytes")
-                finally:
-                    out.flush()
-                    fetched += arrived
-            position += length
-    if partial.stat().st_size != plan.size:
-        raise FetchError(f"{hub.repo_id}/{plan.name}: {partial.stat().st_size} bytes on disk, expected {plan.size}")
-    try:
-        keys_in(partial)   # safetensors checks on open that each tensor's bytes match its header entry
-    except CheckpointError as error:
-        partial.unlink()   # complete yet invalid: the next call fetches it afresh
-        raise CheckpointError(f"{hub.repo_id}/{plan.name} arrived complete but is not a valid safetensors file "
-                              f"({error}); it was deleted, run again to fetch it afresh") from None
-    os.replace(partial, target)
-    return fetched
-
-
-def _fetch_small(hub: HubClient, commit: str, name: str, size: int, directory: Path, progress: Any) -> int:
-    target = directory / name
-    if target.exists() and target.stat().st_size == size:
-        return 0
-    data = hub.read(commit, name, 0, size) if size else b""
-    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
-    if progress is not None:
-        progress.update(size)
-    return size
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Snapshot files are never written in place, so one inode can serve both."""
-    if target.exists():
-        return
-    try:
-        os.link(source, target)
-    except OSError:
-        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def fetch(
@@ -345,107 +306,181 @@ def fetch(
 
     Returns a `FetchReport` whose ``path`` is the local checkpoint. Raises `HubAccessError` for a gated or
     private repository without access, ``FileNotFoundError`` for an unknown id or revision, `FetchError`
-    when the network fails (what arrived is kept: the next call resumes), `CheckpointError` for a repository
-    that is not a Gemma 3n safetensors checkpoint.
+    when the network fails (what arrived is kept: the next call resumes; `DiskFullError` for a full disk),
+    `CheckpointError` for a repository that is not a Gemma 3n safetensors checkpoint (`ContentError` for
+    bytes that are not the ones the hub lists), `CacheLinkError` for a symbolic link inside the cache.
     """
     from filelock import FileLock
 
-
     _check_names(repo_id, revision)
     hub = HubClient(repo_id, token, endpoint)
-    commit, sizes, hashes = hub.info(revision)
+    listing = hub.info(revision)
     root = cache_root(cache_dir)
-    repo = _repo_dir(root, repo_id)
-    snapshot = repo / "snapshots" / commit
-    report = FetchReport(repo_id, commit, snapshot, bytes_snapshot=sum(sizes.values()), cached=snapshot.is_dir())
+    repo = repo_dir(root, repo_id)
+    snapshot = repo / "snapshots" / listing.commit
+    report = FetchReport(repo_id, listing.commit, snapshot, bytes_snapshot=sum(s or 0 for s in listing.sizes.values()))
+    report.cached = complete_snapshot(snapshot, root) and not damaged(snapshot)
     if not report.cached:
-        repo.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        real_dir(repo, root, create=True)
         with FileLock(str(repo / ".lock")):
-            if snapshot.is_dir():   # another process finished it while this one waited
-                report.cached = True
-            else:
-                partial = repo / "partial" / commit
-                try:
-                    _fetch_into(hub, commit, sizes, hashes, repo, partial, report, progress)
-                except (CheckpointError, HubAccessError, FileNotFoundError, ValueError):
-                    shutil.rmtree(partial, ignore_errors=True)   # nothing here is worth resuming
-                    raise
-                snapshot.parent.mkdir(exist_ok=True)
-                os.replace(partial, snapshot)
-    report.bytes_text = sum(p.stat().st_size for p in snapshot.iterdir() if p.is_file() and p.name != RECORD)
-    ref = _ref_file(root, repo_id, revision or "main")
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(ref, lambda tmp: Path(tmp).write_text(commit))
+            report.cached = complete_snapshot(snapshot, root)   # another process may have finished it meanwhile
+            if report.cached and (problems := damaged(snapshot)):
+                _reopen(snapshot, repo / "partial" / listing.commit, root, problems)
+                report.cached = False
+            if not report.cached:
+                _fetch_locked(hub, listing, repo, root, revision or "main", report, progress)
+    report.bytes_text = sum(p.stat().st_size for p in snapshot.iterdir() if p.is_file() and not p.name.startswith(".g3n"))
+    write_ref(ref_file(root, repo_id, revision or "main"), root, listing.commit)
     return report
 
 
-def _fetch_into(hub: HubClient, commit: str, sizes: dict[str, int], hashes: dict[str, str], repo: Path,
-                directory: Path, report: FetchReport, progress: bool) -> None:
+def _reopen(snapshot: Path, partial: Path, root: Path, problems: list[str]) -> None:
+    """A damaged snapshot back to partial/, where each file is hashed against its record again and
+    only what is damaged or missing is fetched."""
+    warnings.warn(f"{'; '.join(problems)}: repairing {snapshot}, fetching only what is damaged", stacklevel=3)
+    if real_dir(partial, root):
+        shutil.rmtree(partial)
+    real_dir(partial.parent, root, create=True)
+    os.replace(snapshot, partial)
 
-    if "config.json" not in sizes:
-        raise CheckpointError(f"{hub.repo_id} has no config.json at {commit[:12]}: not a Hugging Face model repository")
-    if INDEX not in sizes and SINGLE not in sizes:
-        pickles = sorted(n for n in sizes if n.endswith(PICKLE_SUFFIXES))
-        raise CheckpointError(f"{hub.repo_id} has no safetensors weights"
-                              + (f", only pickle files ({', '.join(pickles[:4])}); g3n_probe never unpickles"
-                                 if pickles else ""))
-    directory.mkdir(parents=True, exist_ok=True)
-    report.bytes_fetched += _fetch_small(hub, commit, "config.json", sizes["config.json"], directory, None)
-    config = read_config(directory)   # not Gemma 3n: refused before a weight byte moves
-    index = None
-    if INDEX in sizes:
-        report.bytes_fetched += _fetch_small(hub, commit, INDEX, sizes[INDEX], directory, None)
+
+def _fetch_locked(hub: HubClient, listing: Listing, repo: Path, root: Path, revision: str, report: FetchReport,
+                  progress: bool) -> None:
+    """The fetch proper, holding the repository's lock: into partial/<commit>, then renamed to snapshots/."""
+    partial = repo / "partial" / listing.commit
+    real_dir(partial, root, create=True)
+    check_entries(partial, remove_dangling=True)
+    write_file(partial / REVISION_FILE, revision)
+    try:
+        taken = _fetch_into(hub, listing, repo, root, partial, report, progress)
+    except ContentError:
+        raise   # that file (and the unverifiable ranged ones) was deleted; the rest is kept for the next call
+    except (CheckpointError, HubAccessError, FileNotFoundError, ValueError):
+        shutil.rmtree(partial, ignore_errors=True)   # nothing here is worth resuming
+        raise
+    check_entries(partial)   # nothing was planted while it ran
+    real_dir(repo / "snapshots", root, create=True)
+    os.replace(partial, repo / "snapshots" / listing.commit)
+    _clean_partials(repo, root, revision, taken)
+
+
+def _clean_partials(repo: Path, root: Path, revision: str, taken: dict[Path, set[str]]) -> None:
+    """Interrupted fetches of other commits that this one made pointless: those of the same branch or
+    tag (which now names this commit), and those whose every file this one took over."""
+    if not real_dir(repo / "partial", root):
+        return
+    for directory in (repo / "partial").iterdir():
+        if directory.is_symlink() or not directory.is_dir():
+            continue
         try:
-            index = json.loads((directory / INDEX).read_text())
-            if not isinstance(index.get("weight_map"), dict):
-                raise TypeError("weight_map is not a mapping")
-        except (ValueError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"{hub.repo_id}/{INDEX} is not a valid safetensors index: {error}") from None
-    plans, report.files_skipped = _plan(hub, commit, sizes, hashes, config, index, _earlier(repo))
+            asked = read_small(directory / REVISION_FILE).strip()
+        except OSError:
+            asked = None
+        held = {name for name in read_record(directory)
+                if os.path.lexists(directory / name) or os.path.lexists(directory / (name + ".incomplete"))}
+        superseded = asked == revision and not _HEX_COMMIT.match(revision)
+        if superseded or (directory in taken and held <= taken[directory]):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _fetch_into(hub: HubClient, listing: Listing, repo: Path, root: Path, directory: Path, report: FetchReport,
+                progress: bool) -> dict[Path, set[str]]:
+    """Every file of the text-only checkpoint into ``directory``; which files of interrupted fetches of
+    other commits it took (their directory -> names)."""
+    _check_repository(hub, listing)
+    report.bytes_fetched += fetch_small(hub, listing, "config.json", directory, None)
+    config = read_config(directory)   # not Gemma 3n: refused before a weight byte moves
+    index = _fetch_index(hub, listing, directory, report) if INDEX in listing.sizes else None
+    plans, report.files_skipped = _plan(hub, listing, config, index, earlier_files(repo, root, listing.commit))
+    record = _planned_record(read_record(directory), plans)
+    taken: dict[Path, set[str]] = {}
     for plan in plans:
         if plan.reuse is not None:
-            _link_or_copy(plan.reuse, directory / plan.name)
+            link_or_copy(plan.reuse, directory / plan.name)
+            record[plan.name] = {**plan.identity, "sha256": plan.reuse_sha256, "size": plan.size}
             report.files_reused.append(plan.name)
-    small = {n: s for n, s in sizes.items() if _SMALL_FILE.match(n) and n != "config.json"}
-    total = sum(p.size for p in plans) + sum(small.values())
-    on_disk = sum(_bytes_on_disk(directory, p) for p in plans) + sum(
-        s for n, s in small.items() if (directory / n).exists() and (directory / n).stat().st_size == s)
-    report.resumed_from = on_disk - sum(p.size for p in plans if p.name in report.files_reused)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=on_disk, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"fetching {hub.repo_id} (text only)")
+        adopt(plan, directory)
+        source = plan.reuse or plan.adopt
+        if source is not None and source.parent.parent == repo / "partial":
+            taken.setdefault(source.parent, set()).add(plan.name)
+    write_file(directory / RECORD, json.dumps(record, indent=1))
+    small = sorted(n for n in listing.sizes if _SMALL_FILE.match(n) and n != "config.json"
+                   and not n.endswith(".safetensors"))
+    bar = _progress(hub, listing, directory, plans, small, report, progress)
     try:
-        for name, size in small.items():
-            report.bytes_fetched += _fetch_small(hub, commit, name, size, directory, bar)
+        for name in small:
+            report.bytes_fetched += fetch_small(hub, listing, name, directory, bar)
         for plan in plans:
             if plan.reuse is None:
                 (report.files_ranged if plan.prefix else report.files_whole).append(plan.name)
-                report.bytes_fetched += _fill(hub, commit, plan, directory, bar)
+                report.bytes_fetched += fill(hub, listing.commit, plan, directory, bar, record)
+    except ContentError:
+        forget_ranged(directory, plans, record)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    atomic_write(directory / RECORD, lambda tmp: Path(tmp).write_text(
-        json.dumps({p.name: p.identity for p in plans}, indent=1)))
     if index is not None:
-        present = {p.name: keys_in(directory / p.name) for p in plans}
-        kept = {key: f for key, f in index["weight_map"].items() if key in present.get(f, ())}
-        metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-        metadata = {k: v for k, v in metadata.items() if k != "total_size"}
-        metadata[FETCH_NOTE] = (f"text-only fetch of {hub.repo_id}@{commit}: the towers' tensors and the KV-shared "
-                                 "layers' k/v were not fetched")
-        atomic_write(directory / INDEX, lambda tmp: Path(tmp).write_text(
-            json.dumps({"metadata": metadata, "weight_map": kept}, indent=2)))
+        _write_text_index(hub, listing.commit, directory, index, plans)
+    for name in ["config.json", *small] + ([INDEX] if index is not None else []):   # as written: `verify` re-checks
+        record[name] = {"sha256": hash_file(directory / name), "size": (directory / name).stat().st_size}
+    write_file(directory / RECORD, json.dumps(record, indent=1))
+    return taken
 
 
-def _bytes_on_disk(directory: Path, plan: _FilePlan) -> int:
-    done = directory / plan.name
-    if done.exists() and done.stat().st_size == plan.size:
-        return plan.size
-    partial = directory / (plan.name + ".incomplete")
-    return min(partial.stat().st_size, plan.size) if partial.exists() else 0
+def _check_repository(hub: HubClient, listing: Listing) -> None:
+    if "config.json" not in listing.sizes:
+        raise CheckpointError(f"{hub.repo_id} has no config.json at {listing.commit[:12]}: not a Hugging Face model "
+                              "repository")
+    if INDEX not in listing.sizes and SINGLE not in listing.sizes:
+        pickles = sorted(n for n in listing.sizes if n.endswith(PICKLE_SUFFIXES))
+        raise CheckpointError(f"{hub.repo_id} has no safetensors weights"
+                              + (f", only pickle files ({', '.join(pickles[:4])}); g3n_probe never unpickles"
+                                 if pickles else ""))
+
+
+def _fetch_index(hub: HubClient, listing: Listing, directory: Path, report: FetchReport) -> dict:
+    report.bytes_fetched += fetch_small(hub, listing, INDEX, directory, None)
+    try:
+        index = json.loads((directory / INDEX).read_text())
+        if not isinstance(index.get("weight_map"), dict):
+            raise TypeError("weight_map is not a mapping")
+    except (ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{hub.repo_id}/{INDEX} is not a valid safetensors index: {error}") from None
+    return index
+
+
+def _planned_record(old: dict[str, dict], plans: list[FilePlan]) -> dict[str, dict]:
+    """What each planned file is; files an interrupted call finished keep their hash (checked before use)."""
+    return {p.name: old[p.name] if same_identity(old.get(p.name, {}), p.identity) and old[p.name].get("sha256")
+            else dict(p.identity) for p in plans}
+
+
+def _progress(hub: HubClient, listing: Listing, directory: Path, plans: list[FilePlan], small: list[str],
+              report: FetchReport, show: bool) -> Any:
+    """Sets how much an interrupted fetch left on disk; a progress bar from there, if ``show``."""
+    sizes = {n: listing.sizes[n] or 0 for n in small}
+    total = sum(p.size for p in plans) + sum(sizes.values())
+    on_disk = sum(bytes_on_disk(directory, p) for p in plans) + sum(
+        s for n, s in sizes.items() if (directory / n).exists() and (directory / n).stat().st_size == s)
+    report.resumed_from = on_disk - sum(p.size for p in plans if p.name in report.files_reused)
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=on_disk, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=f"fetching {hub.repo_id} (text only)")
+
+
+def _write_text_index(hub: HubClient, commit: str, directory: Path, index: dict, plans: list[FilePlan]) -> None:
+    present = {p.name: keys_in(directory / p.name) for p in plans}
+    kept = {key: f for key, f in index["weight_map"].items() if key in present.get(f, ())}
+    metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    metadata = {k: v for k, v in metadata.items() if k != "total_size"}
+    metadata[FETCH_NOTE] = (f"text-only fetch of {hub.repo_id}@{commit}: the towers' tensors and the KV-shared "
+                            "layers' k/v were not fetched")
+    write_file(directory / INDEX, json.dumps({"metadata": metadata, "weight_map": kept}, indent=2))
 
 
 def fetch_config(repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
@@ -454,12 +489,15 @@ def fetch_config(repo_id: str, revision: str | None = None, *, cache_dir: str | 
     point table or the layers, without fetching weights. ``<root>/models--…/configs/<commit>/``."""
     _check_names(repo_id, revision)
     hub = HubClient(repo_id, token, endpoint)
-    commit, sizes, _ = hub.info(revision)
-    directory = _repo_dir(cache_root(cache_dir), repo_id) / "configs" / commit
-    directory.mkdir(parents=True, exist_ok=True)
+    listing = hub.info(revision)
+    root = cache_root(cache_dir)
+    directory = repo_dir(root, repo_id) / "configs" / listing.commit
+    root.mkdir(parents=True, exist_ok=True)
+    real_dir(directory, root, create=True)
+    check_entries(directory, remove_dangling=True)
     for name in ("config.json", INDEX):
-        if name in sizes:
-            _fetch_small(hub, commit, name, sizes[name], directory, None)
+        if name in listing.sizes:
+            fetch_small(hub, listing, name, directory, None)
     return directory
 
 
