@@ -140,8 +140,8 @@ def naive_stream_0_dla(model, ids, a: int, b: int) -> torch.Tensor:
     stock = model.hf_model
     kept = frozen_forward_capture(stock, ids)
     lm = stock.model.language_model
-    scale = torch.pow(kept[("merged", None)].pow(2).mean(-1, keepdim=True) + lm.norm.eps, -0.5) * lm.norm.weight.float()
-    unembed = stock.lm_head.weight[a].float() - stock.lm_head.weight[b].float()
+    scale = torch.pow(kept[("merged", None)].pow(2).mean(-1, keepdim=True) + lm.norm.eps, -0.5) * lm.norm.weight.detach().float()
+    unembed = (stock.lm_head.weight[a] - stock.lm_head.weight[b]).detach().float()
     writes = [kept[("input", 0)][0]] + [kept[(name, i)] for i in range(lm.config.num_hidden_layers)
                                          for name in ("attn_out", "laurel_branch", "mlp_out", "ple_out")]
     return sum((scale * w * unembed).sum(-1) for w in writes)
