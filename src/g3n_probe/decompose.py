@@ -208,7 +208,7 @@ def _readout_covector(model: Any, saved: dict, direction: torch.Tensor) -> torch
     language_model = arch.text_model(hf)
     stack, merged = saved["stack"], saved["merged"]
     streams = stack.shape[0]
-    u = direction.to(stack.device) @ hf.lm_head.weight.float()          # [B, D]: the target through lm_head
+    u = _through_unembedding(hf.lm_head.weight, direction.to(stack.device))   # [B, D]
     norm = language_model.norm
     g = u[:, None, :] * _rms_scale(merged, norm.eps) * norm.weight.float()   # covector on the merged hidden
     target_magnitude, projections = stream_magnitudes(language_model, stack)
@@ -221,11 +221,33 @@ def _readout_covector(model: Any, saved: dict, direction: torch.Tensor) -> torch
     return covector
 
 
-def _pre_cap_logits(model: Any, merged: torch.Tensor) -> torch.Tensor:
-    """``[B, P, V]`` float: the real logits before the soft cap, by the stock final norm and lm_head."""
+_VOCAB_CHUNK = 16384   # unembedding rows converted to float32 at a time (E2B's whole matrix would be 2 GiB)
+
+
+def _vocabulary_chunks(direction: torch.Tensor) -> list[torch.Tensor]:
+    """The vocabulary ids a direction ``[B, V]`` touches, in chunks (a token or a pair: one small chunk)."""
+    ids = direction.abs().sum(0).nonzero().flatten()
+    return list(ids.split(_VOCAB_CHUNK))
+
+
+def _through_unembedding(weight: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``direction @ W_U`` in float32 ``[B, D]``, reading only the rows the direction touches."""
+    u = torch.zeros(direction.shape[0], weight.shape[1], device=direction.device)
+    for ids in _vocabulary_chunks(direction):
+        u += direction[:, ids] @ weight.index_select(0, ids.to(weight.device)).float().to(direction.device)
+    return u
+
+
+def _target_on_real_logits(model: Any, merged: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``[B, P]``: the direction applied to the real pre-soft-cap logits (the stock final norm, then the
+    lm_head's rows for the ids the direction touches, in the model's dtype: those logits' own values)."""
     hf = model.hf_model
-    with torch.no_grad():
-        return hf.lm_head(arch.text_model(hf).norm(merged)).float()
+    hidden = arch.text_model(hf).norm(merged)
+    total = torch.zeros(merged.shape[:2], device=merged.device)
+    for ids in _vocabulary_chunks(direction):
+        rows = hf.lm_head.weight.index_select(0, ids.to(hidden.device))
+        total += torch.einsum("bpv,bv->bp", (hidden @ rows.T).float(), direction[:, ids].to(hidden.device))
+    return total
 
 
 def _stack_covector(target: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
@@ -339,7 +361,7 @@ def _decompose(model: Any, inputs: Any, target: Any, positions: Sequence[int] | 
     saved = _capture(model, ids, mask, index, where)
     if where is None:
         covector, last = _readout_covector(model, saved, direction), layers - 1
-        total = torch.einsum("bpv,bv->bp", _pre_cap_logits(model, saved["merged"]), direction.to(index.device))
+        total = _target_on_real_logits(model, saved["merged"], direction)
     else:
         covector = _stack_covector(target, saved["stack"])
         last = where[0] if where[1] == "output" else where[0] - 1
