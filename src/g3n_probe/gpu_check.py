@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from . import arch, patching
-from .bench import rss, sync
+from .bench import median_time, rss, sync
 from .checkpoint import (
     by_file,
     is_text_key,
@@ -222,23 +222,12 @@ def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | No
     return results
 
 
-def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, int]:
-    """(median seconds, 0): the plain timing `measure_decompose` uses when no memory measure is given."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], 0
-
-
 def measure_decompose(model: Any, tokens: int, repeats: int, measure: Callable | None = None) -> dict[str, Any]:
     """G7: `decompose.decompose` of a logit difference at every position of a random B1×T prompt against
     one trace saving the logits, on the same model; ``measure(fn, device, repeats)`` -> (seconds, peak
-    bytes) may add a memory figure (benchmarks/decompose_bench.py does)."""
-    measure = measure or _median_seconds
+    bytes), by default `bench.median_time` (peak device memory on CUDA; benchmarks/decompose_bench.py
+    passes one that also samples RSS)."""
+    measure = measure or (lambda fn, device, repeats: median_time(fn, device, repeats, warmup=1))
     vocab = model.text_config.vocab_size_per_layer_input
     ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     device = next(model.hf_model.parameters()).device
@@ -250,7 +239,7 @@ def measure_decompose(model: Any, tokens: int, repeats: int, measure: Callable |
     result = {}
     for way, fn in (("trace", trace), ("decompose", lambda: decompose(model, ids, (7, 8)))):
         seconds, peak = measure(fn, device, repeats)
-        result[way] = {"seconds": seconds, "peak_bytes": peak}
+        result[way] = {"seconds": seconds, "peak_bytes": peak or 0}   # no peak figure on CPU from median_time
     result.update(tokens=tokens, components=1 + 4 * model.text_config.num_hidden_layers,
                   time_ratio=result["decompose"]["seconds"] / result["trace"]["seconds"],
                   memory_ratio=result["decompose"]["peak_bytes"] / max(result["trace"]["peak_bytes"], 1))
