@@ -8,7 +8,7 @@
         logits = model.logits.output.save()
 """
 
-from . import hub, matformer, patching, synthetic
+from . import hub, matformer, patching, sae, synthetic
 from .activations import ActivationCache
 from .audit import AuditReport, audit
 from .checkpoint import CheckpointError
@@ -17,12 +17,14 @@ from .decompose import Decomposition, decompose
 from .loading import LoadReport, load
 from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
 from .probe import Gemma3nProbe
+from .reader import ActivationDataset
 from .towers import TowerNotLoadedError
 
 __all__ = [
     "POINTS",
     "TABLE",
     "ActivationCache",
+    "ActivationDataset",
     "AuditReport",
     "audit",
     "cache_dataset",
@@ -31,6 +33,7 @@ __all__ = [
     "hub",
     "matformer",
     "patching",
+    "sae",
     "CheckpointError",
     "Gemma3nProbe",
     "HookPoint",

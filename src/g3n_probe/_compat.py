@@ -10,6 +10,7 @@ names the version it was checked on.
 | nnsight | ``Batcher._narrow_tensor`` / ``_widen_tensor`` / ``assemble_skip``, ``SkipParts``, a view's ``_nnsight_batch`` mark | 0.8.1 | `AxisBatcher` (stream stacks batched on dim 1) |
 | nnsight | ``TransformersModel._call`` / ``_batch_size`` / ``_wrap``, ``_batcher_class``, ``generate.__wrapped__`` | 0.8.1 | `ProbeModelBase` |
 | nnsight | ``Envoy._module``, ``Envoy._add_envoy``, the ``Envoy.input`` / ``.output`` descriptors | 0.8.1 | `module_of`, `add_envoy`, `base_envoy_value` |
+| nnsight | ``Envoy._child_map`` / ``_children``, ``Interleaver.envoys`` (an envoy's entries in its parent and the tree) | 0.8.1 | `remove_envoy` (`sae` splices) |
 | nnsight | ``Envoy.trace(tracer_cls=...)``, ``InterleavingTracer.execute`` | 0.8.1 | `probe.ExclusiveTracer` |
 | nnsight | ``OutOfOrderError`` names a ``.grad`` location ``f"{id(tensor)}.grad"`` | 0.8.1 | `points.Injection.explain_out_of_order` |
 | nnsight | a module's ``__dict__`` entries it adds on wrapping (``forward``, ``__nnsight__`` state) | 0.8.1 | `unwrap_module` (probe release) |
@@ -19,13 +20,15 @@ names the version it was checked on.
 | transformers | ``modeling_gemma3n.eager_attention_forward`` forms P = softmax(QKᵀ) and returns ``matmul(P, V)`` | 5.24.0 | `points.attention` |
 | transformers | a config's ``_attn_implementation`` (read; set only on configs g3n_probe builds itself) | 5.24.0 | `attention_implementation`, `set_attention_implementation` |
 | transformers | ``from_pretrained(None, config=..., state_dict=...)`` with lazy safetensors slices | 5.24.0 | `loading` |
+| transformers | a KV cache: ``DynamicCache(ddp_cache_data=...)`` without a config (every layer a full-length ``DynamicLayer``), a layer's ``keys`` / ``values`` / ``is_initialized``, the forward keyword ``cache`` (``past_key_values`` is its deprecated alias), Gemma 3n's store layers handing ``cache.update``'s full keys to the KV-reuse layers | 5.24.0 | `kv_cache`, `cached_kv` (`patching_cache`) |
+| transformers | a decoder layer's keyword ``shared_kv_states`` (the forward's ``KVSharingDict``: a KV 'store' layer puts its (keys, values) there under its layer type, the KV-reuse layers read them) | 5.24.0 | `share_kv_before` (`patching_cache`) |
 """
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from nnsight.intervention.batching import Batcher, SkipParts
@@ -53,6 +56,22 @@ def add_envoy(envoy: Envoy, name: str, module: torch.nn.Module) -> Envoy:
     return envoy._add_envoy(name, module)
 
 
+def remove_envoy(parent: Envoy, name: str) -> None:
+    """Undo `add_envoy`: child ``name`` leaves ``parent``'s module, and its envoys (its subtree's) leave the
+    tree and the interleaver, each module losing what nnsight put on it."""
+    envoy = parent._child_map.pop(name, None)
+    parent._module._modules.pop(name, None)
+    if envoy is None:
+        return
+    parent._children[:] = [child for child in parent._children if child is not envoy]
+    if parent.__dict__.get(name) is envoy:
+        del parent.__dict__[name]
+    for sub in envoy.modules():
+        if parent.interleaver.envoys.get(id(sub._module)) is sub:
+            del parent.interleaver.envoys[id(sub._module)]
+        unwrap_module(sub._module)
+
+
 def base_envoy_value(envoy: Envoy, side: str) -> Any:
     """nnsight's own ``envoy.input`` / ``envoy.output`` (for an envoy subclass that checks before it)."""
     return getattr(Envoy, side).__get__(envoy)
@@ -60,6 +79,12 @@ def base_envoy_value(envoy: Envoy, side: str) -> Any:
 
 def set_base_envoy_value(envoy: Envoy, side: str, value: Any) -> None:
     getattr(Envoy, side).__set__(envoy, value)
+
+
+def base_skip(envoy: Envoy, replacement: Any) -> None:
+    """nnsight's own ``Envoy.skip``, past an envoy subclass's checks (a sweep skipping a KV 'store' layer while
+    it hands on the layer's keys and values itself: `share_kv_before`)."""
+    Envoy.skip(envoy, replacement)
 
 
 #: What nnsight adds to a module's ``__dict__`` when it wraps it (its controller and its state).
@@ -229,3 +254,36 @@ def attention_implementation(config: Any) -> str | None:
 def set_attention_implementation(config: Any, name: str | None) -> None:
     """Only for configs g3n_probe builds itself (synthetic models): a user's config is never changed."""
     config._attn_implementation = name
+
+
+#: The keyword a Gemma 3n forward takes a KV cache by (5.24.0; ``past_key_values`` is a deprecated alias, and
+#: nnsight adds no attention mask beside it only under that old name, so callers pass the mask themselves).
+CACHE_KEYWORD = "cache"
+
+
+def kv_cache(layers: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]] = ()) -> Any:
+    """A transformers ``DynamicCache`` holding ``layers[i]`` = (keys, values) ``[B, Hkv, t, Dh]`` for layer i
+    (None, None: left empty, as a KV-reuse layer's is). Built without a config, so every layer is a full-length
+    ``DynamicLayer``: a sliding-window layer keeps all its keys (``DynamicSlidingWindowLayer`` would keep the last
+    window − 1 only) and the sliding-window mask does the windowing, so key axes keep the full sequence length.
+    Checked on 5.24.0: the mask sizes come from layer 0 (no layer is sliding), its offset is the cached length."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(layers)) if layers else DynamicCache()
+
+
+def cached_kv(cache: Any) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Each layer's (keys, values) in a `kv_cache` after a forward, (None, None) for a layer never written."""
+    return [(layer.keys, layer.values) if layer.is_initialized and layer.keys.numel() else (None, None)
+            for layer in cache.layers]
+
+
+def share_kv_before(layer: torch.nn.Module, layer_type: str, keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """Until the returned handle is removed, every call of decoder ``layer`` (a KV 'store' layer) first puts
+    (``keys``, ``values``) into the forward's ``shared_kv_states`` under ``layer_type``, as its attention would:
+    a torch forward pre-hook, so it runs even when nnsight skips the layer's body (checked on 5.24.0, where
+    the text model passes the dict as a keyword to every decoder layer)."""
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs["shared_kv_states"][layer_type] = (keys, values)
+
+    return layer.register_forward_pre_hook(hook, with_kwargs=True)

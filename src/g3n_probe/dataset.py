@@ -407,6 +407,17 @@ def _shards_to_write(run: "_Run", mine: list[int], paths: list[Path]) -> list[tu
     return todo
 
 
+def shard_binding(run: str, i: int, batch_size: int, texts: int) -> dict[str, Any]:
+    """What shard ``i``'s record says besides its size and digest: whose run, which shard, which texts."""
+    start = i * batch_size
+    return {"run": run, "shard": i, "texts": [start, min(start + batch_size, texts)]}
+
+
+def verify_shard(path: Path, manifest: dict[str, Any], i: int) -> str | None:
+    """None when shard ``i`` of the run ``manifest`` describes is finished and matches its record; else why not."""
+    return _verified(path, shard_binding(manifest["run"], i, int(manifest["batch_size"]), int(manifest["texts"])))
+
+
 @dataclass
 class _Run:
     """One `cache_dataset` call: what every shard is computed from, and what it has written so far."""
@@ -425,10 +436,7 @@ class _Run:
     wrote_manifest: bool = False
 
     def binding(self, i: int) -> dict[str, Any]:
-        """What shard ``i``'s record says besides its size and digest: whose run, which shard, which texts."""
-        start = i * self.batch_size
-        return {"run": run_fingerprint(self.identity), "shard": i,
-                "texts": [start, min(start + self.batch_size, len(self.texts))]}
+        return shard_binding(run_fingerprint(self.identity), i, self.batch_size, len(self.texts))
 
     def write_manifest(self) -> None:
         manifest = {**self.identity, "run": run_fingerprint(self.identity)}  # the fingerprint the records carry

@@ -22,7 +22,7 @@ from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.tracer import InterleavingTracer
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
-from . import arch
+from . import arch, tl
 from ._compat import (
     ProbeModelBase,
     add_envoy,
@@ -322,6 +322,36 @@ class Gemma3nProbe(ProbeModelBase):
         """
         return collect(self, inputs, points, layers=layers, positions=positions, device=device, dtype=dtype,
                      max_bytes=max_bytes, verbose=verbose)
+
+    # ---- TransformerLens conventions (g3n_probe.tl) ----
+
+    def to_tokens(self, input: Any, prepend_bos: bool | None = True, padding_side: str | None = None,
+                  move_to_device: bool = True) -> torch.Tensor:
+        """Token ids ``[batch, pos]`` (TransformerLens' ``to_tokens``)."""
+        return tl.to_tokens(self, input, prepend_bos, padding_side, move_to_device)
+
+    def to_str_tokens(self, input: Any, prepend_bos: bool | None = True) -> list:
+        """Each token as a string (TransformerLens' ``to_str_tokens``)."""
+        return tl.to_str_tokens(self, input, prepend_bos)
+
+    def to_string(self, tokens: Any) -> Any:
+        """Decoded token ids (TransformerLens' ``to_string``)."""
+        return tl.to_string(self, tokens)
+
+    def test_prompt(self, prompt: str, answer: str, prepend_space_to_answer: bool = True, print_details: bool = True,
+                    prepend_bos: bool | None = True, top_k: int = 10) -> tl.PromptTest:
+        """The answer tokens' ranks and probabilities after ``prompt``, printed as TransformerLens prints them."""
+        return tl.test_prompt(self, prompt, answer, prepend_space_to_answer, print_details, prepend_bos, top_k)
+
+    @property
+    def W_E(self) -> torch.Tensor:  # noqa: N802 (TransformerLens' name)
+        """The token embedding ``[V, D]``: the stock weight itself (looked up ×√D: ``embed`` = ``W_E[ids]·√D``)."""
+        return tl.embedding(self)
+
+    @property
+    def W_U(self) -> torch.Tensor:  # noqa: N802 (TransformerLens' name)
+        """The unembedding ``[D, V]``: a view of the stock ``lm_head`` weight (tied to ``W_E``)."""
+        return tl.unembedding(self)
 
     # ---- input validation ----
 

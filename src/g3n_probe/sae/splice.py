@@ -1,0 +1,325 @@
+"""Splicing a sparse autoencoder (or a transcoder) into a point, so the value passes through it.
+
+A splice is a small module attached under the point for as long as it lasts, with two children that nnsight
+serves like any point: ``features`` (the SAE's latent activations, ``[..., F]``) and, with ``error=True``,
+``error`` (the value minus its reconstruction). A torch hook on the point's module runs it on the value:
+
+    f  = encode(x)              (x detached when error=True: the encoder reads the value, off its gradient path)
+    f' = features(f)            read it, write it (steering), take its .grad
+    y  = decode(f')
+    error=False:  out = y
+    error=True:   e = x − decode(f),  e' = error(e),  out = x + (y − decode(f)) + (e' − e)
+
+so with ``error=True`` and nothing written, ``out`` is ``x`` exactly (``torch.equal`` logits), gradients
+upstream of the splice are the unspliced model's, ``.grad`` of the features is ∂/∂f' through the decoder,
+and a write to the features moves the value by exactly the change it makes to the reconstruction. A
+transcoder reads one value and stands in for another (the MLP's input → the MLP's output): the same
+formula with ``x`` the source and the target in place of ``x`` where the value is replaced.
+
+Any object with ``encode``/``decode`` works (SAELens, dictionary_learning); sparsify's ``SparseCoder``, whose
+``encode`` returns its top-k (``top_acts``, ``top_indices``), is made dense. Inputs reach it flat, ``[N, D]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
+
+from .._compat import add_envoy, module_of, remove_envoy, tensor_version
+from ..points import BY_NAME, HookPoint, mark_stack
+
+_LAYER_STACK = re.compile(r"^layers\.(-?\d+)\.(input|output)$")
+_MLP = re.compile(r"^layers\.(-?\d+)\.mlp$")
+
+
+class FeaturePoint(nn.Module):
+    """An identity module: nnsight serves what passes through it at ``.output`` (read, write, ``.grad``)."""
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+class Dense:
+    """An SAE seen as ``encode(x [N, D]) -> f [N, F]`` and ``decode(f [N, F]) -> [N, D]``, dense features.
+
+    sparsify's ``SparseCoder`` returns its top-k from ``encode``: they are scattered into ``num_latents``
+    zeros, and decoding is ``f @ W_dec + b_dec`` (what its sparse decoder computes for those k)."""
+
+    def __init__(self, sae: Any) -> None:
+        for name in ("encode", "decode"):
+            if not callable(getattr(sae, name, None)):
+                raise TypeError(f"{type(sae).__name__} has no {name}(): an SAE needs encode(x) -> features and "
+                                "decode(features) -> x")
+        if getattr(getattr(sae, "cfg", None), "skip_connection", False):
+            raise ValueError("this sparsify coder has a skip connection (its output depends on x beyond the "
+                             "features): splicing it is not supported; train with skip_connection=False")
+        self.sae = sae
+        self.sparse = False
+
+    @property
+    def parameter(self) -> torch.Tensor | None:
+        if isinstance(self.sae, nn.Module):
+            return next(iter(self.sae.parameters()), None)
+        return None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the SAE's device, in its dtype."""
+        reference = self.parameter
+        return x if reference is None else x.to(device=reference.device, dtype=reference.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.sae.encode(x)
+        if isinstance(out, torch.Tensor):
+            return out
+        acts, indices = getattr(out, "top_acts", None), getattr(out, "top_indices", None)
+        if acts is None or indices is None:
+            raise TypeError(f"{type(self.sae).__name__}.encode returned a {type(out).__name__}: expected a tensor of "
+                            "features, or sparsify's (top_acts, top_indices)")
+        self.sparse = True
+        width = getattr(self.sae, "num_latents", None) or self.sae.W_dec.shape[0]
+        return acts.new_zeros(*acts.shape[:-1], width).scatter(-1, indices, acts)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        if self.sparse:
+            return f.to(self.sae.W_dec.dtype) @ self.sae.W_dec + self.sae.b_dec
+        return self.sae.decode(f)
+
+
+class Splice(nn.Module):
+    """The module a splice attaches: ``features`` and (with ``error=True``) ``error`` are its points.
+
+    Called as ``splice(source, target)``: ``source`` is what the SAE encodes, ``target`` what its
+    reconstruction stands in for (the same tensor for an SAE). Returns the value the model goes on with.
+    ``stream=k`` on a stream stack splices stream k alone; ``stream=None`` applies the SAE to every stream."""
+
+    def __init__(self, sae: Any, error: bool = True, stream: int | None = None, stack: bool = False,
+                 where: str = "") -> None:
+        super().__init__()
+        self.__dict__["coder"] = sae if isinstance(sae, Dense) else Dense(sae)  # not a child: no weights in the model's state_dict
+        self.features = FeaturePoint()
+        self.error = FeaturePoint() if error else None
+        self.stream = stream
+        self.stack = stack
+        self.where = where
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            return self._through(source, target)
+        k = self.stream
+        spliced = self._through(source[k], target[k])
+        return torch.cat([target[:k], spliced[None], target[k + 1:]])
+
+    def _through(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        coder = self.coder
+        flat = coder.prepare(source.reshape(-1, source.shape[-1]))
+        f = coder.encode(flat.detach() if self.error is not None else flat)
+        if torch.is_grad_enabled() and not f.requires_grad:
+            f = f.detach().requires_grad_(True)  # so that .grad of the features exists
+        handed = f.reshape(*source.shape[:-1], f.shape[-1]).clone()  # a write must not reach f itself
+        if self.stack and self.stream is None:
+            mark_stack(handed)
+        version = tensor_version(handed)
+        got = self.features(handed)
+        y = self._decode(got, target)
+        if self.error is None:
+            return y
+        if got is handed and tensor_version(handed) == version:
+            reconstruction = y.detach()  # nothing written: decode(f') is decode(f), bit for bit
+        else:
+            with torch.no_grad():
+                reconstruction = self._decode(f, target)
+        error = target - reconstruction
+        handed_error = error.clone()
+        if self.stack and self.stream is None:
+            mark_stack(handed_error)
+        return target + (y - reconstruction) + (self.error(handed_error) - error)
+
+    def reconstruct(self, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``decode(f)`` shaped and typed as ``target`` (the value, or the stream of it, the SAE stands in for)."""
+        return self._decode(f, target)
+
+    def _decode(self, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        y = self.coder.decode(f.reshape(-1, f.shape[-1]))
+        return y.reshape(target.shape).to(device=target.device, dtype=target.dtype)
+
+    def extra_repr(self) -> str:
+        stream = "" if self.stream is None else f", stream {self.stream}"
+        return f"{self.where}{stream}, error term {'on' if self.error is not None else 'off'}"
+
+
+# ---- where a splice goes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    """Where a value appears: the module whose output (``side="output"``), first input (``"input"``) or
+    input → output (``"across"``, a transcoder) carries it, and the envoy the splice hangs under."""
+
+    name: str
+    module: nn.Module
+    envoy: Any
+    side: str
+    stack: bool
+    child: str = "sae"
+
+
+def site_of(model: Any, name: str, transcoder: bool = False) -> Site:
+    """The `Site` of a point name (``"layers.3.mlp_out"``, ``"layers.2.output"``, ``"embed"``) or, for a
+    transcoder, of an MLP (``"layers.3.mlp"``: its input is read and its output replaced)."""
+    mlp = _MLP.match(name)
+    if transcoder or mlp:
+        if not mlp:
+            raise ValueError(f"a transcoder splices across an MLP: name it 'layers.<i>.mlp', not {name!r}")
+        layer = model.layers[int(mlp.group(1))]
+        return Site(name, module_of(layer.mlp), layer.mlp, "across", False)
+    stack = _LAYER_STACK.match(name)
+    if stack:
+        layer = model.layers[int(stack.group(1))]
+        side = stack.group(2)
+        return Site(name, module_of(layer), layer, side, True, child=f"sae_{side}")
+    base = name.rsplit(".", 1)[-1]
+    point = BY_NAME.get(base)
+    hook_point = model.injection.points.get(name)
+    if point is None or hook_point is None:
+        raise ValueError(f"unknown point {name!r}: give a qualified point name ('layers.3.mlp_out', 'layers.2.output', "
+                         "'embed', …; `g3n-probe points` lists them)")
+    reason = hook_point.unavailable()
+    if reason is not None:
+        raise ValueError(reason)
+    owner = model if point.scope == "model" else model.layers[hook_point.layer]
+    return Site(name, hook_point, getattr(owner, base), "output", point.stack)
+
+
+def site_of_envoy(envoy: Any) -> Site:
+    """The `Site` of a point's envoy (``model.layers[3].mlp_out``) or of a layer's (its output stack)."""
+    module = module_of(envoy)
+    if isinstance(module, HookPoint):
+        reason = module.unavailable()
+        if reason is not None:
+            raise ValueError(reason)
+        return Site(module.qualified_name, module, envoy, "output", module.point.stack)
+    if isinstance(module, Gemma3nTextDecoderLayer):
+        return Site(f"layers.{module.layer_idx}.output", module, envoy, "output", True, child="sae_output")
+    raise TypeError(f"splice takes a point's envoy (model.layers[3].mlp_out) or a layer's (its output stack), not "
+                    f"{type(module).__name__}; for a transcoder use splice_transcoder(model.layers[i], transcoder)")
+
+
+def _on_output(splice: Splice, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    result = splice(output, output)
+    return mark_stack(result) if splice.stack else result
+
+
+def _on_input(splice: Splice, module: nn.Module, args: tuple) -> tuple:
+    result = splice(args[0], args[0])
+    return (mark_stack(result) if splice.stack else result, *args[1:])
+
+
+def _across(splice: Splice, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return splice(args[0], output)
+
+
+def _register(site: Site, splice: Splice) -> Any:
+    if site.side == "input":
+        return site.module.register_forward_pre_hook(functools.partial(_on_input, splice))
+    hook = _across if site.side == "across" else _on_output
+    return site.module.register_forward_hook(functools.partial(hook, splice))
+
+
+@dataclass
+class Attached:
+    """A splice in place: its envoy (``.features``, ``.error``), and what takes it off again."""
+
+    site: Site
+    splice: Splice
+    envoy: Any
+    handles: list
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+        remove_envoy(self.site.envoy, self.site.child)
+
+
+def attach(site: Site, sae: Any, error: bool = True, stream: int | None = None) -> Attached:
+    """Attach a `Splice` at ``site`` (until `Attached.remove`); one splice per place at a time."""
+    if stream is not None:
+        if not site.stack:
+            raise ValueError(f"{site.name} is not a stream stack: stream= applies to [S,B,T,D] values only")
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+            raise ValueError(f"stream must be a stream index (0 is the active stream); got {stream!r}")
+    if site.child in dict(site.module.named_children()):
+        raise ValueError(f"{site.name} already has an SAE spliced in: remove it first (leave its `spliced` block)")
+    splice = Splice(sae, error=error, stream=stream, stack=site.stack, where=site.name)
+    envoy = add_envoy(site.envoy, site.child, splice)
+    return Attached(site, splice, envoy, [_register(site, splice)])
+
+
+def _remove_after_forward(attached: Attached, module: nn.Module, args: tuple, output: Any) -> None:
+    attached.remove()
+
+
+def splice(point: Any, sae: Any, error: bool = True, stream: int | None = None) -> Any:
+    """Inside a trace: pass ``point``'s value through ``sae`` for this forward. Returns the splice's envoy:
+    ``.features.output`` (the latents: save, write, ``.grad``), ``.error.output`` (with ``error=True``),
+    ``.output`` (the value the model goes on with).
+
+    ``point`` is a point's envoy (``model.layers[3].mlp_out``) or a layer's (``model.layers[3]``: its output
+    stack; ``stream=k`` for one stream). Call it before the trace reads the point: the splice acts from the
+    point's next value on and comes off when the model's forward ends (for ``generate``, or several traces,
+    use `spliced`)."""
+    attached = attach(site_of_envoy(point), sae, error=error, stream=stream)
+    _for_one_forward(attached)
+    return attached.envoy
+
+
+def splice_transcoder(layer: Any, transcoder: Any, error: bool = True) -> Any:
+    """Inside a trace: a transcoder across layer ``layer``'s MLP (``model.layers[i]`` or ``model.layers[i].mlp``)
+    for this forward: it encodes the MLP's input and its reconstruction stands in for the MLP's output.
+    Returns the splice's envoy, as `splice` does."""
+    module = module_of(layer)
+    if isinstance(module, Gemma3nTextDecoderLayer):
+        mlp = layer.mlp
+    else:
+        mlp, module = layer, module_of(layer.parent)
+    if not isinstance(module, Gemma3nTextDecoderLayer):
+        raise TypeError("splice_transcoder takes a layer's envoy (model.layers[i]) or its MLP's (model.layers[i].mlp)")
+    name = f"layers.{module.layer_idx}.mlp"
+    attached = attach(Site(name, module_of(mlp), mlp, "across", False), transcoder, error=error)
+    _for_one_forward(attached)
+    return attached.envoy
+
+
+@contextmanager
+def spliced(model: Any, name: str, sae: Any, error: bool = True, stream: int | None = None) -> Iterator[Any]:
+    """``with spliced(model, "layers.3.mlp_out", sae) as s:`` — every forward inside (traces, ``generate``, plain
+    calls of ``model.hf_model``) passes the point's value through ``sae``; ``s.features.output`` and
+    ``s.error.output`` are points in any trace inside. ``name`` is a qualified point name, a layer stack
+    (``"layers.2.output"``, ``stream=k`` for one stream) or ``"layers.<i>.mlp"`` for a transcoder."""
+    attached = attach(site_of(model, name), sae, error=error, stream=stream)
+    try:
+        yield attached.envoy
+    finally:
+        attached.remove()
+
+
+@contextmanager
+def spliced_transcoder(model: Any, layer: int, transcoder: Any, error: bool = True) -> Iterator[Any]:
+    """`spliced` for a transcoder across layer ``layer``'s MLP."""
+    with spliced(model, f"layers.{layer}.mlp", transcoder, error=error) as envoy:
+        yield envoy
+
+
+def _for_one_forward(attached: Attached) -> None:
+    """Take ``attached`` off when the model's forward ends, however it ends."""
+    envoy = attached.site.envoy
+    while envoy.parent is not None:
+        envoy = envoy.parent
+    hook = functools.partial(_remove_after_forward, attached)
+    attached.handles.append(module_of(envoy).register_forward_hook(hook, always_call=True))

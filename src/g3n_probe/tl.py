@@ -1,0 +1,126 @@
+"""TransformerLens conventions on a `Gemma3nProbe`: ``to_tokens``, ``to_str_tokens``, ``to_string``,
+``test_prompt``, ``W_E`` and ``W_U``, with TransformerLens' signatures and output, on the stock model's own
+tokenizer and weights (no copies). The probe's methods of the same names call these.
+
+Gemma facts a TransformerLens user should know: the token embedding is scaled by √D when it is looked up
+(``model.embed`` = ``W_E[ids] · √D``), the unembedding is tied to it (``W_U`` is ``W_E.T``), and the logits
+are soft-capped (30·tanh(z/30)) — `test_prompt` prints the capped logits, the ones the model samples from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _tokenizer(model: Any) -> Any:
+    if model.tokenizer is None:
+        raise ValueError("this needs a tokenizer: pass tokenizer=... to g3n.load or Gemma3nProbe")
+    return model.tokenizer
+
+
+def to_tokens(model: Any, input: Any, prepend_bos: bool | None = True, padding_side: str | None = None,
+              move_to_device: bool = True) -> torch.Tensor:
+    """Token ids ``[batch, pos]`` for a string or a list of strings (padded on the tokenizer's side, or
+    ``padding_side``). ``prepend_bos=False`` leaves Gemma's ``<bos>`` out."""
+    tokenizer = _tokenizer(model)
+    texts = [input] if isinstance(input, str) else list(input)
+    side = tokenizer.padding_side
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    try:
+        ids = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos is not False,
+                        verbose=False)["input_ids"]
+    finally:
+        tokenizer.padding_side = side
+    return ids.to(model.hf_model.device) if move_to_device else ids
+
+
+def to_str_tokens(model: Any, input: Any, prepend_bos: bool | None = True) -> list:
+    """Each token as a string: a list for a string or a 1-D tensor/list of ids, a list of lists for a list
+    of strings or a 2-D tensor."""
+    tokenizer = _tokenizer(model)
+    if isinstance(input, str):
+        return [tokenizer.decode([int(t)]) for t in to_tokens(model, input, prepend_bos, move_to_device=False)[0]]
+    if isinstance(input, torch.Tensor):
+        if input.dim() == 2:
+            return [to_str_tokens(model, row) for row in input]
+        return [tokenizer.decode([int(t)]) for t in input.reshape(-1)]
+    items = list(input)
+    if items and all(isinstance(item, str) for item in items):
+        return [to_str_tokens(model, item, prepend_bos) for item in items]
+    return [tokenizer.decode([int(t)]) for t in items]
+
+
+def to_string(model: Any, tokens: Any) -> Any:
+    """Decode token ids: a string for one sequence (1-D), a list of strings for a batch (2-D)."""
+    tokenizer = _tokenizer(model)
+    ids = torch.as_tensor(tokens)
+    if ids.dim() == 2:
+        return [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in ids]
+    return tokenizer.decode(ids.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class PromptTest:
+    """What `test_prompt` printed: per answer token its rank, logit and probability, and the top ``k``."""
+
+    prompt_tokens: list[str]
+    answer_tokens: list[str]
+    ranks: list[int] = field(default_factory=list)
+    logits: list[float] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    top: list[list[tuple[str, float, float]]] = field(default_factory=list)  # (token, logit, prob) per answer token
+
+    def __repr__(self) -> str:
+        return f"PromptTest(ranks of the answer tokens: {list(zip(self.answer_tokens, self.ranks))})"
+
+
+def test_prompt(model: Any, prompt: str, answer: str, prepend_space_to_answer: bool = True,
+                print_details: bool = True, prepend_bos: bool | None = True, top_k: int = 10) -> PromptTest:
+    """Run ``prompt`` + ``answer`` and show how the model ranks each answer token, as TransformerLens does:
+    the tokenized prompt and answer, each answer token's rank, logit and probability, the top ``top_k``
+    tokens at its position, and the ranks of all answer tokens (only those with ``print_details=False``).
+    Returns the numbers as a `PromptTest`."""
+    tokenizer = _tokenizer(model)
+    if prepend_space_to_answer and not answer.startswith(" "):
+        answer = " " + answer
+    prompt_ids = to_tokens(model, prompt, prepend_bos, move_to_device=False)[0]
+    answer_ids = to_tokens(model, answer, prepend_bos=False, move_to_device=False)[0]
+    ids = torch.cat([prompt_ids, answer_ids])[None]
+    with torch.no_grad():
+        logits = model.hf_model(input_ids=ids.to(model.hf_model.device), use_cache=False).logits[0].float().cpu()
+    decode = lambda t: tokenizer.decode([int(t)])
+    result = PromptTest([decode(t) for t in prompt_ids], [decode(t) for t in answer_ids])
+    lines = [f"Tokenized prompt: {result.prompt_tokens}", f"Tokenized answer: {result.answer_tokens}"]
+    for j, token in enumerate(answer_ids.tolist()):
+        row = logits[len(prompt_ids) + j - 1]
+        probs = row.softmax(-1)
+        rank = int((row > row[token]).sum())
+        values, order = row.topk(top_k)
+        result.ranks.append(rank)
+        result.logits.append(float(row[token]))
+        result.probs.append(float(probs[token]))
+        result.top.append([(decode(t), float(v), float(probs[t])) for v, t in zip(values, order)])
+        lines.append("Performance on answer token:")
+        lines.append(f"Rank: {rank: <8} Logit: {float(row[token]):5.2f} Prob: {float(probs[token]):6.2%} "
+                     f"Token: |{decode(token)}|")
+        lines += [f"Top {i}th token. Logit: {v:5.2f} Prob: {p:6.2%} Token: |{s}|" for i, (s, v, p) in enumerate(result.top[-1])]
+    lines.append(f"Ranks of the answer tokens: {list(zip(result.answer_tokens, result.ranks))}")
+    print("\n".join(lines) if print_details else lines[-1])  # TransformerLens prints the ranks either way
+    return result
+
+
+def embedding(model: Any) -> torch.Tensor:
+    """``W_E``: the stock token-embedding weight ``[V, D]`` itself (before Gemma's √D scale)."""
+    return model.injection.text_model.embed_tokens.weight
+
+
+def unembedding(model: Any) -> torch.Tensor:
+    """``W_U``: a ``[D, V]`` view of the stock ``lm_head`` weight (tied to ``W_E``)."""
+    head = getattr(model.hf_model, "lm_head", None)
+    if head is None:
+        raise AttributeError(f"a {type(model.hf_model).__name__} has no lm_head, so no W_U")
+    return head.weight.T
