@@ -1,5 +1,6 @@
-"""``g3n-probe``: info, points, demo (and the benchmark and audit entry points).
+"""``g3n-probe``: fetch, info, points, demo, audit, bench — presentation over the package's own functions.
 
+    g3n-probe fetch HUB_ID         fetch a hub checkpoint text-only (only the bytes the text path reads)
     g3n-probe info [SOURCE]        config, components (stored vs loaded), layers
     g3n-probe points [SOURCE]      the intervention-point table with this checkpoint's shapes
     g3n-probe demo [--model SRC]   trace a code prompt, logit lens through the AltUp merge, ablations

@@ -466,7 +466,7 @@ class _Run:
 
 def _planned_bytes(model: Any, lengths: list[int], resolved: list, shards: list[int], batch_size: int,
                    positions: Sequence[int] | None, dtype: torch.dtype) -> int:
-    """The bytes the given shards will hold: each padded to its longest text, as `cache` pads."""
+    """The bytes the given shards will hold: each padded to its longest text, as `activations.collect` pads."""
     total = 0
     for i in shards:
         rows = lengths[i * batch_size:(i + 1) * batch_size]

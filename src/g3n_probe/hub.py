@@ -79,14 +79,13 @@ from .hub_files import (
     write_file,
     write_ref,
 )
-from .hub_http import FetchError, HubAccessError, HubClient, Listing
+from .hub_http import HEX_COMMIT, FetchError, HubAccessError, HubClient, Listing
 from .hub_write import FilePlan, adopt, bytes_on_disk, fetch_small, fill, forget_ranged
 
 __all__ = ["CacheLinkError", "ContentError", "DiskFullError", "FetchError", "FetchReport", "HubAccessError",
            "cache_root", "cached_checkpoint", "fetch", "fetch_config", "hf_cache_checkpoint", "is_offline",
            "locate", "looks_like_hub_id", "verify"]
 
-_HEX_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 # The files a checkpoint directory needs besides its weights: config, generation settings, tokenizer.
 # Chosen by name, but never a weight file: every .safetensors file is planned from the index.
@@ -155,8 +154,8 @@ def cached_checkpoint(repo_id: str, revision: str | None = None, cache_dir: str 
     """The complete text-only checkpoint of ``repo_id`` at ``revision`` in the g3n cache, if any; a
     symbolic link on the way (the ref, the snapshot, a file in it) is a `CacheLinkError`."""
     root, revision = cache_root(cache_dir), revision or "main"
-    commit = revision if _HEX_COMMIT.match(revision) else read_ref(ref_file(root, repo_id, revision), root)
-    if commit is None or not _HEX_COMMIT.match(commit):
+    commit = revision if HEX_COMMIT.match(revision) else read_ref(ref_file(root, repo_id, revision), root)
+    if commit is None or not HEX_COMMIT.match(commit):
         return None
     snapshot = repo_dir(root, repo_id) / "snapshots" / commit
     if not complete_snapshot(snapshot, root):
@@ -379,7 +378,7 @@ def _clean_partials(repo: Path, root: Path, revision: str, taken: dict[Path, set
             asked = None
         held = {name for name in read_record(directory)
                 if os.path.lexists(directory / name) or os.path.lexists(directory / (name + ".incomplete"))}
-        superseded = asked == revision and not _HEX_COMMIT.match(revision)
+        superseded = asked == revision and not HEX_COMMIT.match(revision)
         if superseded or (directory in taken and held <= taken[directory]):
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -520,7 +519,7 @@ def locate(
     if (full := hf_cache_checkpoint(repo_id, revision)) is not None:
         return full
     cached = cached_checkpoint(repo_id, revision, cache_dir)
-    if cached is not None and revision is not None and _HEX_COMMIT.match(revision):
+    if cached is not None and revision is not None and HEX_COMMIT.match(revision):
         return cached   # a commit never changes: no need to ask the hub
     offline = local_files_only or not download or is_offline()
     if offline:

@@ -52,7 +52,7 @@ JOURNAL = ".sha256"             # beside <file>.incomplete: its hashed length an
 JOURNAL_EVERY = 64 * 1024**2    # bytes between journal entries: a kill -9 costs at most this much
 MAX_REF_NAME = 200              # a revision's file name in refs/ (quoted; atomic writes add 14 characters)
 IDENTITY = ("remote_sha256", "keys")   # what makes two local files equal (see `hub._shard_identity`)
-_READ = 8 * 1024**2
+READ_BYTES = 8 * 1024**2   # one read while hashing a file
 
 
 class CacheLinkError(PermissionError):
@@ -190,7 +190,7 @@ def hash_file(path: Path, limit: int | None = None) -> str:
     with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as handle:
         left = limit
         while left is None or left > 0:
-            chunk = handle.read(_READ if left is None else min(_READ, left))
+            chunk = handle.read(READ_BYTES if left is None else min(READ_BYTES, left))
             if not chunk:
                 break
             digest.update(chunk)

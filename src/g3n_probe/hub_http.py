@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-_HEX_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+HEX_COMMIT = re.compile(r"^[0-9a-f]{40}$")   # a full commit id
 
 ATTEMPTS = 5        # failures in a row, without a byte arriving, before a fetch gives up (resumable)
 MAX_WAIT = 8.0      # seconds between attempts: 0.5, 1, 2, 4, 8, or what Retry-After asks (up to 60)
@@ -116,7 +116,7 @@ class HubClient:
             except Transient as error:
                 failures = wait_or_give_up(self, "", failures, error, "the hub did not list the files (model info); "
                                             "check the network and run again")
-        if not isinstance(info.sha, str) or not _HEX_COMMIT.match(info.sha):
+        if not isinstance(info.sha, str) or not HEX_COMMIT.match(info.sha):
             raise FetchError(f"{self.repo_id}: the hub answered with commit {info.sha!r}, not a 40-digit hex id")
         listing = Listing(info.sha)
         for sibling in info.siblings or []:

@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, keys_in, tensor_offsets
 from .hub_files import (
     JOURNAL,
     JOURNAL_EVERY,
+    READ_BYTES,
     RECORD,
     ContentError,
     disk_errors,
@@ -36,7 +37,6 @@ from .hub_files import (
 )
 from .hub_http import FetchError, HubClient, Listing, Transient, wait_or_give_up
 
-_READ = 8 * 1024**2
 
 
 @dataclass
@@ -242,7 +242,7 @@ class Sink:
         self.file.seek(0)
         left = count
         while left:
-            chunk = self.file.read(min(left, _READ))
+            chunk = self.file.read(min(left, READ_BYTES))
             if not chunk:
                 break
             self.hash.update(chunk)

@@ -98,11 +98,14 @@ class ActivationDataset(Dataset):
 
     # ---- random access ----
 
-    def __getitem__(self, i: int) -> Rows:
+    def _checked(self, i: int) -> int:
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} out of range: this dataset has {len(self)} rows")
-        i %= len(self)
+        return i % len(self)
+
+    def __getitem__(self, i: int) -> Rows:
+        i = self._checked(i)
         s = bisect.bisect_right(self.offsets, i) - 1
         b, t = self._index[s].local[i - self.offsets[s]].tolist()
         where: list[Any] = [slice(None)] * len(self.row.axes)
@@ -117,7 +120,7 @@ class ActivationDataset(Dataset):
         rows: list[Rows | None] = [None] * len(indices)
         by_shard: dict[int, list[tuple[int, int]]] = {}
         for n, i in enumerate(indices):
-            i = int(i) % len(self)
+            i = self._checked(i)
             by_shard.setdefault(bisect.bisect_right(self.offsets, i) - 1, []).append((n, i))
         for s, wanted in by_shard.items():
             values = self._shard_rows(s)
@@ -183,7 +186,7 @@ class ActivationDataset(Dataset):
 
 
 class ShardStream(IterableDataset):
-    """`ActivationDataset.stream`: batches read shard by shard, split across DataLoader workers."""
+    """`ActivationDataset.iterable`: batches read shard by shard, split across DataLoader workers."""
 
     def __init__(self, dataset: ActivationDataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> None:
         self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last

@@ -71,6 +71,9 @@ class _StubbingAutoModel:
         self.wanted = wanted
         self.real: Any = None
 
+    def __getattr__(self, name: str) -> Any:   # anything else modeling_gemma3n asks of AutoModel
+        return getattr(self.__dict__["real"], name)
+
     def from_config(self, *args: Any, **kwargs: Any) -> nn.Module:
         # transformers passes the config positionally in some versions and as config= in others
         config = kwargs["config"] if "config" in kwargs else args[0]

@@ -57,7 +57,9 @@ class AttentionWeights(Route):
 
 
 def _enter_attention(point: HookPoint, attention: nn.Module, args: tuple) -> None:
-    if point.__dict__.get(_MODE_ATTR) is not None or not point.observed() or point.unavailable() is not None:
+    # cheapest first: under sdpa (no probabilities formed) nothing else is looked at
+    if attention_implementation(point.text_config) != "eager" or point.__dict__.get(_MODE_ATTR) is not None \
+            or not point.observed():
         return
     mode = _PatternMode(point)
     mode.__enter__()

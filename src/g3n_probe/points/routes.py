@@ -2,7 +2,7 @@
 
 A route is a small picklable object on a row of the table. ``attach(scope, point, injection)`` puts
 the point in place and returns what detaches it; ``applies(root)`` says why the row does not exist
-in this kind of model (``logits`` on a base model), ``unavailable(config, name)`` why it does not fire
+in this kind of model (``logits`` on a base model), ``unavailable(config, name, layer)`` why it does not fire
 now (`attention.AttentionWeights` under sdpa). Nothing of the stock forward is copied or replaced:
 
 * `OutputOf`       a torch forward hook routes a stock module's output;
@@ -13,7 +13,8 @@ now (`attention.AttentionWeights` under sdpa). Nothing of the stock forward is c
 * `ModuleItself`   the value already is a stock module's output: its own envoy is the point;
 * `RootOutput`     a field of the root model's output (``logits``), by a forward hook on the root;
 * `LayerStack`     the decoder layer's own ``.input`` / ``.output`` stream stacks: marked for the
-                   batcher and checked on write.
+                   batcher and checked on write;
+* `KeyValueOutputOf` a key/value module's output, absent (with the store layer named) on KV-reuse layers.
 
 Hooks are module-level functions bound with ``functools.partial`` (never closures), so an injected
 model deep-copies (the copy's hooks serve the copy's points) and pickles like any other. A hook

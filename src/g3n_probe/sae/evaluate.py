@@ -120,7 +120,11 @@ def evaluate(model: Any, texts: Sequence[str], point: str, sae: Any, *, stream: 
     batches = _batches(model, texts, batch_size)
     with spliced(model, point, coder, error=True, stream=stream) as envoy:
         splice = module_of(envoy)
-        stats = _Stats(every_stream=splice.stack and stream is None)
+        if splice.stack and stream is None:
+            # one mean over all four streams would mean-ablate each stream with the others' average
+            raise ValueError(f"{point} is a stream stack: evaluate one stream at a time (stream=0..S-1), so the "
+                             "mean ablation uses that stream's own mean")
+        stats = _Stats(every_stream=False)
         handles = [splice.register_forward_pre_hook(functools.partial(_capture_target, stats, splice)),
                    splice.features.register_forward_hook(functools.partial(_capture_features, stats, splice))]
         try:
