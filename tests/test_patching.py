@@ -1,4 +1,6 @@
-"""Patching sweeps: every entry equals the same batch patched with plain torch hooks on a stock model."""
+"""Patching sweeps: every entry equals plain torch hooks on a stock model: the same batch bit for bit when only
+layers are reused (``reuse="layers"``), one forward of the whole prompt per patch to within 1e-5 of the metric's
+span when the target's keys and values are reused too (``reuse="tokens"``, the default)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import pytest
 import torch
 
 import g3n_probe as g3n
-from g3n_probe.points import POINTS
-from reference import capture, edited, stock_forward
+from g3n_probe.points import LAYER, POINTS
+from reference import capture, edited, exists_at, stock_forward
 
 CLEAN = torch.tensor([[2, 50, 60, 70, 9, 10, 11, 50, 60]])
 CORRUPTED = torch.tensor([[2, 51, 61, 70, 9, 10, 11, 50, 60]])
@@ -79,7 +81,8 @@ def _stock_chunk(stock, target, variants, source):
 def test_every_entry_equals_stock_hooks_on_the_same_batch(probe, stock, direction):
     names, layers, positions = ["resid_mid", "altup_predict", "ple_out"], [1, 4], [2, -1]
     result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=names, layers=layers, positions=positions,
-                                direction=direction, chunk=4)
+                                direction=direction, chunk=4, reuse="layers")
+    assert result.reuse == "layers"
     source_ids, target_ids = (CLEAN, CORRUPTED) if direction == "denoise" else (CORRUPTED, CLEAN)
     source = capture(stock, source_ids)
     in_order = sorted(names, key=[p.name for p in POINTS].index)   # sweep's chunks: execution order
@@ -204,7 +207,7 @@ def test_position_groups_are_patched_together(probe, stock):
     with edited(stock, "attn_out", 0, both), torch.no_grad():
         expected = metric(stock_forward(stock, CORRUPTED).logits).float()
     single = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=["attn_out"], layers=[0], positions=[group],
-                                chunk=1)
+                                chunk=1, reuse="layers")
     assert torch.equal(single.values["attn_out"][0, 0:1], expected)
     assert torch.allclose(result.values["attn_out"][0, 0:1], expected, atol=1e-4 * abs(result.source - result.baseline))
 
@@ -388,7 +391,7 @@ def _stock_patch(stock, stack, name, layer, fn):
         stack.enter_context(edited(stock, name, layer, fn))
 
 
-def _stock_rows(stock, target, rows, source, skip=True):
+def _stock_rows(stock, target, rows, source, skip=True, metric_fn=None, **forward):
     """Rows (layer, name, position, part, pair) as one stock batch: row r is pair ``pair`` of ``target`` with
     that pair's source cells written in by plain hooks; with ``skip``, the layers before the first patch
     give the target's own outputs from one forward of all K target rows (KV 'store' layers run), as `sweep`
@@ -408,7 +411,7 @@ def _stock_rows(stock, target, rows, source, skip=True):
                     stack.callback(hook.remove)
         for (layer, name), cells in plan.items():
             _stock_patch(stock, stack, name, layer, _write_cells(name, layer, cells, source))
-        return metric(stock_forward(stock, target[pairs]).logits).float()
+        return (metric_fn or metric)(stock_forward(stock, target[pairs], **forward).logits).float()
 
 
 def _entry(result, layer, name, position, part):
@@ -436,7 +439,7 @@ def test_heads_and_streams_equal_stock_hooks_on_the_same_batch_and_one_patch_per
     names, kwargs = GRANULARITIES[kind]
     layers, positions = [0, 3, 5], [2, -1]
     result = g3n.patching.sweep(probe, CLEAN, CORRUPTED, metric, points=names, layers=layers, positions=positions,
-                                chunk=5, **kwargs)
+                                chunk=5, reuse="layers", **kwargs)
     source = capture(stock, CLEAN)
     stacks = ("input", "output", "altup_predict", "altup_correct")
     spec = {"attn_z": kwargs.get("heads")} | {n: kwargs.get("streams") for n in names if n in stacks}
@@ -494,7 +497,7 @@ def test_a_sweep_over_pairs_averages_each_pair_patched_with_its_own_source(probe
     clean, corrupted = _pairs(3)
     names, layers, positions = ["attn_z", "resid_mid", "output"], [1, 4], [1, -1]
     result = g3n.patching.sweep(probe, clean, corrupted, metric, points=names, layers=layers, positions=positions,
-                                heads="each", streams=1, chunk=5)
+                                heads="each", streams=1, chunk=5, reuse="layers")
     source = capture(stock, clean)
     parts = {"attn_z": list(range(HEADS)), "resid_mid": [None], "output": [1]}
     variants = [(layer, name, p % 9, part) for layer in layers for name in result.points for p in positions
@@ -615,3 +618,252 @@ def test_attribution_pairs_are_checked(probe, kwargs, error):
     kwargs = dict(clean=CLEAN, corrupted=CORRUPTED) | kwargs
     with pytest.raises(ValueError, match=error):
         g3n.patching.attribution(probe, metric=metric, layers=[1], **kwargs)
+
+
+# ---- token reuse: a chunk runs from its first patched position on, the target's keys and values before it ----
+#
+# The reference is one stock forward of the whole prompt per patch, plain hooks, nothing reused. The prompts
+# are longer than the tiny preset's sliding window (8), so sliding layers drop keys a full layer keeps; layers
+# 2 and 3 are the KV 'store' layers, 4 and 5 reuse their keys and values.
+
+LONG_CLEAN = torch.tensor([[2, 50, 60, 70, 9, 10, 11, 50, 60, 12, 300, 301, 70, 9]])
+LONG_CORRUPTED = LONG_CLEAN.clone()
+LONG_CORRUPTED[0, 1:3] = torch.tensor([51, 61])
+LONG = LONG_CLEAN.shape[1]
+A, B = 467, 121   # the last position's logits that move most apart between the two prompts (span ≈ 0.43)
+EXACT = 1e-5      # of the metric's span: token reuse changes kernel shapes, so rounding, nothing else
+WORST: dict = {}  # the worst |entry − reference| / span seen, per test (printed by the last test)
+
+
+def long_metric(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1, A] - logits[:, -1, B]
+
+
+def _assert_per_patch(result, stock, target, source, rows, metric_fn=long_metric, key=None):
+    """Each (layer, name, position, part, pair) row's entry against one stock forward of the whole prompt with
+    that one patch (plain hooks, nothing skipped or reused), within EXACT of the span."""
+    span = abs(result.source - result.baseline)
+    worst, changed = 0.0, 0
+    for row in rows:
+        expected = float(_stock_rows(stock, target, [row], source, skip=False, metric_fn=metric_fn)[0])
+        got = float(result.per_pair[row[1]][(*_entry(result, *row[:4]), row[4])])
+        worst = max(worst, abs(got - expected) / span)
+        changed += expected != float(result.baselines[row[4]])
+    WORST[key or len(WORST)] = worst
+    assert worst <= EXACT, (worst, rows[:3])
+    assert changed, "the patches do something"
+    return worst
+
+
+ALL_POINTS = [p.name for p in POINTS if p.scope == LAYER and p.name != "attn_pattern"]
+
+
+@pytest.mark.parametrize("name", ALL_POINTS)
+def test_token_reuse_equals_one_stock_forward_per_patch_for_every_point(probe, stock, name):
+    """Both directions; layers 0, 2-5 (store and reuse layers, sliding and full); positions before and after the
+    window; chunks of 3 rows, so chunks start at many positions and layers."""
+    layers = [layer for layer in (0, 2, 3, 4, 5) if exists_at(name, layer)]
+    positions = [1, 6, 10, 13]
+    for direction in ("denoise", "noise"):
+        result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=[name], layers=layers,
+                                    positions=positions, direction=direction, chunk=3)
+        assert result.reuse == "tokens" and result.work < 0.5
+        source_ids, target_ids = (LONG_CLEAN, LONG_CORRUPTED) if direction == "denoise" else (LONG_CORRUPTED, LONG_CLEAN)
+        source = capture(stock, source_ids)
+        rows = [(layer, name, p, None, 0) for layer in layers for p in positions]
+        _assert_per_patch(result, stock, target_ids, source, rows, key=(name, direction))
+        with torch.no_grad():   # the target's own forward, with its keys and values kept, is the stock one
+            assert result.baseline == float(long_metric(stock_forward(stock, target_ids).logits)[0])
+
+
+def test_token_reuse_patches_position_groups_from_their_first_position(probe, stock):
+    positions = [[3, 10], [1, 2], 12, [11, 13]]
+    result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=["attn_out", "output"],
+                                layers=[1, 3, 5], positions=positions, chunk=4)
+    assert result.positions == [(3, 10), (1, 2), 12, (11, 13)]
+    rows = [(layer, name, p, None, 0) for layer in (1, 3, 5) for name in result.points for p in result.positions]
+    _assert_per_patch(result, stock, LONG_CORRUPTED, capture(stock, LONG_CLEAN), rows, key="groups")
+
+
+@pytest.mark.parametrize("kind", sorted(GRANULARITIES))
+def test_token_reuse_equals_one_stock_forward_per_patch_for_heads_and_streams(probe, stock, kind):
+    names, kwargs = GRANULARITIES[kind]
+    layers, positions = [0, 3, 5], [2, 9, -1]
+    result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=names, layers=layers,
+                                positions=positions, chunk=5, **kwargs)
+    parts = {n: (result.parts[n] if n in result.parts else
+                 [kwargs.get("heads") if n == "attn_z" else kwargs.get("streams")]) for n in result.points}
+    parts = {n: [None if p == "all" else p for p in v] for n, v in parts.items()}
+    rows = [(layer, name, p % LONG, part, 0) for layer in layers for name in result.points for p in positions
+            for part in parts[name]]
+    _assert_per_patch(result, stock, LONG_CORRUPTED, capture(stock, LONG_CLEAN), rows, key=kind)
+
+
+def _long_pairs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.cat([LONG_CLEAN, torch.randint(3, 500, (count - 1, LONG), generator=generator)])
+    clean[:, 0] = 2
+    corrupted = clean.clone()
+    corrupted[1:, 1:3] = torch.randint(3, 500, (count - 1, 2), generator=generator)
+    corrupted[0] = LONG_CORRUPTED[0]
+    return clean, corrupted
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_token_reuse_over_pairs_patches_each_pair_with_its_own_source(probe, stock, direction):
+    clean, corrupted = _long_pairs(3)
+    names, layers, positions = ["attn_z", "resid_mid", "output"], [1, 5], [1, 8, -1]
+    result = g3n.patching.sweep(probe, clean, corrupted, long_metric, points=names, layers=layers,
+                                positions=positions, heads="each", streams=[0, [1, 2, 3]], chunk=7,
+                                direction=direction)
+    source_ids, target_ids = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
+    parts = {"attn_z": list(range(HEADS)), "resid_mid": [None], "output": [0, (1, 2, 3)]}
+    rows = [(layer, name, p % LONG, part, k) for layer in layers for name in result.points for p in positions
+            for part in parts[name] for k in range(3)]
+    _assert_per_patch(result, stock, target_ids, capture(stock, source_ids), rows, key=("pairs", direction))
+    for name in names:
+        assert torch.equal(result.values[name], result.per_pair[name].mean(-1))
+
+
+def _spread_metric(logits: torch.Tensor) -> torch.Tensor:
+    """Reads several positions, some before a chunk's first position: those logits are the target's own."""
+    return logits[:, -1, A] - logits[:, -1, B] + logits[:, -6, A] - logits[:, 2, B] if logits.shape[1] == LONG else \
+        logits[:, -1, A] - logits[:, -1, B] + logits[:, 0, A] - logits[:, 1, B]
+
+
+@pytest.mark.parametrize("keep", [0, 6, 1])
+def test_token_reuse_hands_the_metric_every_position_it_would_see(probe, stock, keep):
+    """logits_to_keep=0: all T positions (the target's before a chunk's first one); 6: the last six, more than
+    a chunk starting at 10 runs; 1: the last."""
+    def keep_metric(logits):
+        assert logits.shape[1] == (keep or LONG)
+        return _spread_metric(logits) if keep != 1 else long_metric(logits)
+
+    def full_metric(logits):   # the same numbers read from all T positions (the reference's logits)
+        return keep_metric(logits[:, -keep:]) if keep else keep_metric(logits)
+
+    layers, positions = [0, 3, 5], [1, 5, 10, 12, 13]
+    result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, keep_metric, points=["resid_mid"], layers=layers,
+                                positions=positions, chunk=2, logits_to_keep=keep)
+    rows = [(layer, "resid_mid", p, None, 0) for layer in layers for p in positions]
+    _assert_per_patch(result, stock, LONG_CORRUPTED, capture(stock, LONG_CLEAN), rows, metric_fn=full_metric,
+                      key=("keep", keep))
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_token_reuse_patches_attention_patterns_on_their_query_with_every_key(probe_eager, keep):
+    """A chunk's pattern is [rows, H, T − p, T]: its queries from p on, every key (sliding layers' too); with
+    one logit kept, the trailing KV-reuse layers 4 and 5 run their last 4 queries (2 rows × 1 would be fewer
+    than 4 rows for a product), still over every key."""
+    layers, positions = [0, 1, 4, 5], [0, 2, 9, 13]
+    result = g3n.patching.sweep(probe_eager, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=["attn_pattern"],
+                                layers=layers, positions=positions, chunk=2, logits_to_keep=keep)
+    assert result.reuse == "tokens"
+    clean = {}
+    with torch.no_grad(), probe_eager.trace(LONG_CLEAN):
+        for layer in layers:
+            clean[layer] = probe_eager.layers[layer].attn_pattern.output.save()
+    span, worst = abs(result.source - result.baseline), 0.0
+    for i, layer in enumerate(layers):
+        for j, position in enumerate(positions):
+            with torch.no_grad(), probe_eager.trace(LONG_CORRUPTED):
+                probe_eager.layers[layer].attn_pattern.output[:, :, position] = clean[layer][:, :, position]
+                logits = probe_eager.logits.output.save()
+            worst = max(worst, abs(float(result.values["attn_pattern"][i, j]) - float(long_metric(logits)[0])) / span)
+    WORST[("attn_pattern", keep)] = worst
+    assert worst <= EXACT
+    assert not torch.allclose(result.values["attn_pattern"], torch.tensor(result.baseline))
+
+
+def test_token_reuse_skips_store_layers_and_leaves_no_hook_behind(probe, stock):
+    """A chunk whose first patch is at layer 4 skips layers 0-3, the store layers 2 and 3 included: a hook hands
+    the reuse layers the target's keys and values instead, and is gone after the forward. (Layers 4 and 5 read
+    keys and values made at layers 2 and 3, so a patch there reaches no other position: only the last counts.)"""
+    from g3n_probe.patching import _skipped, layers_run, prefix_needs
+
+    variants = [(5, "resid_mid", 9, None), (4, "resid_mid", 12, None)]
+    assert _skipped(probe, variants) == [0, 1] and _skipped(probe, variants, keep_stores=False) == [0, 1, 2, 3]
+    assert prefix_needs(probe, variants, keep_stores=False) == {3}
+    assert layers_run(probe) == [6, 5, 4, 4, 4, 3] and layers_run(probe, keep_stores=False) == [6, 5, 4, 3, 2, 1]
+    decoders = probe.hf_model.model.language_model.layers
+    before = [len(layer._forward_pre_hooks) for layer in decoders]
+    result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=["resid_mid", "attn_out"],
+                                layers=[4, 5], positions=[9, 13], chunk=8)
+    assert result.forwards == 1 and [len(layer._forward_pre_hooks) for layer in decoders] == before
+    rows = [(layer, name, p, None, 0) for layer in (4, 5) for name in result.points for p in (9, 13)]
+    _assert_per_patch(result, stock, LONG_CORRUPTED, capture(stock, LONG_CLEAN), rows, key="stores skipped")
+
+
+def test_with_the_last_logit_kept_reuse_layers_run_their_last_positions_and_unseen_patches_cost_nothing(
+        probe, stock, monkeypatch):
+    """logits_to_keep=1: layers 4 and 5 make no keys or values (they read layers 2 and 3's), so there a position
+    reaches no other. A patch there before the last position changes no kept logit: its entry is the baseline,
+    bit for bit what the stock forward gives, and no forward runs for it. Chunks from earlier layers run layers
+    4 and 5 at their last position (a chunk from position 0 included, where sdpa had no mask to cut)."""
+    from g3n_probe import patching_cache
+
+    assert patching_cache.trailing_reuse(probe) == 4
+    assert patching_cache.tail(probe, 0, 0, LONG, 1, rows=4) == (4, 1)
+    assert patching_cache.tail(probe, 0, 0, LONG, 1, rows=2) == (4, 4)     # a product of 4 rows at least
+    assert patching_cache.tail(probe, 3, 5, LONG, 6, rows=4) == (4, 6)
+    for args in ((0, 0, LONG, 0), (4, 0, LONG, 1), (0, 13, LONG, 1), (0, 0, LONG, [-1])):
+        assert patching_cache.tail(probe, *args, rows=8) is None
+    cuts = []
+    real = patching_cache.keep_last_positions
+    monkeypatch.setattr(patching_cache, "keep_last_positions", lambda *a, **k: cuts.append(a[1:]) or real(*a, **k))
+    layers, positions = [0, 2, 3, 4, 5], [0, 3, 9, [3, 13], 13]
+    result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=["resid_mid", "output"],
+                                layers=layers, positions=positions, chunk=4, logits_to_keep=1)
+    unseen = [(layer, name, p) for layer in (4, 5) for name in result.points for p in (0, 3, 9)]
+    seen = (len(layers) * len(positions) - 6) * 2
+    assert result.forwards == -(-seen // 4) and cuts and all(cut == (1, LONG) for cut in cuts)
+    source = capture(stock, LONG_CLEAN)
+    for layer, name, p in unseen:
+        expected = _stock_rows(stock, LONG_CORRUPTED, [(layer, name, p, None, 0)], source, skip=False,
+                               metric_fn=long_metric, logits_to_keep=1)[0]   # the same lm_head kernel
+        assert float(result.values[name][result.layers.index(layer), result.positions.index(p)]) == \
+            result.baseline == float(expected)
+    rows = [(layer, name, p, None, 0) for layer in layers for name in result.points for p in result.positions]
+    _assert_per_patch(result, stock, LONG_CORRUPTED, source, rows, key="last logit kept")
+
+
+def test_token_reuse_falls_back_to_layers_where_it_cannot_run_and_refuses_unknown_modes(probe):
+    positions = [2, 10]
+    listed = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, layers=[3], positions=positions,
+                                logits_to_keep=[-1])
+    assert listed.reuse == "layers"   # a list of kept positions would need remapping per chunk
+    plain = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, layers=[3], positions=positions,
+                               reuse="layers", logits_to_keep=[-1])
+    assert torch.equal(listed.values["resid_mid"], plain.values["resid_mid"])
+    with pytest.raises(ValueError, match=r"reuse='positions': choose 'tokens'"):
+        g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, reuse="positions")
+
+
+def test_rows_are_ordered_into_tiles_that_cost_least():
+    from g3n_probe.patching_plan import chunk_work, reuse_order, work_floor
+
+    layers, tokens = 12, 16
+    runs = list(range(layers, 0, -1))
+    cells = [(layer, token) for layer in range(layers) for token in range(tokens)]
+    for chunk, pairs in ((16, 1), (32, 1), (5, 3)):
+        order = reuse_order(cells, pairs, chunk, runs, tokens)
+        assert sorted(order) == list(range(len(cells)))
+        work = chunk_work(order, cells, pairs, chunk, runs, tokens)
+        assert len(work) == -(-len(cells) * pairs // chunk)
+        layer_major = chunk_work(list(range(len(cells))), cells, pairs, chunk, runs, tokens)
+        assert work.sum() < layer_major.sum()
+    # 16 rows: tiles of 4 layers × 4 positions, 0.417 of a forward per patch (the floor is 0.288)
+    order = reuse_order(cells, 1, 16, runs, tokens)
+    assert [cells[v] for v in order[:4]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert float(chunk_work(order, cells, 1, 16, runs, tokens).sum()) / (len(cells) * layers * tokens) == \
+        pytest.approx(0.4175, abs=1e-3)
+    assert work_floor(cells, layers, tokens) == pytest.approx((13 / 24) * (17 / 32))
+    assert reuse_order([], 1, 4, runs, tokens) == [] and work_floor([], layers, tokens) == 0.0
+
+
+def test_the_worst_token_reuse_error_is_reported():
+    """Runs last in this file: prints the worst entry − reference over the token-reuse tests above."""
+    if WORST:
+        worst = max(WORST, key=WORST.get)
+        print(f"\nworst token-reuse error: {WORST[worst]:.2e} of the span ({worst}); {len(WORST)} checks")
+        assert WORST[worst] <= EXACT

@@ -21,6 +21,7 @@ names the version it was checked on.
 | transformers | a config's ``_attn_implementation`` (read; set only on configs g3n_probe builds itself) | 5.24.0 | `attention_implementation`, `set_attention_implementation` |
 | transformers | ``from_pretrained(None, config=..., state_dict=...)`` with lazy safetensors slices | 5.24.0 | `loading` |
 | transformers | a KV cache: ``DynamicCache(ddp_cache_data=...)`` without a config (every layer a full-length ``DynamicLayer``), a layer's ``keys`` / ``values`` / ``is_initialized``, the forward keyword ``cache`` (``past_key_values`` is its deprecated alias), Gemma 3n's store layers handing ``cache.update``'s full keys to the KV-reuse layers | 5.24.0 | `kv_cache`, `cached_kv` (`patching_cache`) |
+| transformers | how ``Gemma3nTextModel`` calls a decoder layer: ``(hidden_states [S,B,t,D], (cos, sin) [B|1,t,Dh], per_layer_input [B,t,P])`` and keywords ``attention_mask`` ([B|1,1,t,kv], or None when sdpa may take is_causal) and ``position_ids`` | 5.24.0 | `keep_last_positions` (`patching_cache`) |
 | transformers | a decoder layer's keyword ``shared_kv_states`` (the forward's ``KVSharingDict``: a KV 'store' layer puts its (keys, values) there under its layer type, the KV-reuse layers read them) | 5.24.0 | `share_kv_before` (`patching_cache`) |
 """
 
@@ -287,3 +288,29 @@ def share_kv_before(layer: torch.nn.Module, layer_type: str, keys: torch.Tensor,
         kwargs["shared_kv_states"][layer_type] = (keys, values)
 
     return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def keep_last_positions(layer: torch.nn.Module, keep: int, total: int, first: bool) -> Any:
+    """Until the returned handle is removed, decoder ``layer`` runs its last ``keep`` query positions only: a
+    torch forward pre-hook (prepended, so the points' own pre-hooks see the same arguments) cuts the
+    per-position arguments the text model hands every layer (the rotary (cos, sin), the per-layer input,
+    the mask's query rows, ``position_ids``) and, where ``first``, the stack entering it. The keys stay
+    whole (``total`` of them). Where sdpa was to use ``is_causal`` (no mask) a boolean causal mask for those
+    rows is built, since fewer queries than keys must align to the end (checked on 5.24.0)."""
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        hidden, (cos, sin), per_layer, *rest = args
+        if first:
+            hidden = hidden[:, :, -keep:].contiguous()
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            queries = torch.arange(total - keep, total, device=hidden.device)
+            mask = (torch.arange(total, device=hidden.device)[None, :] <= queries[:, None])[None, None]
+        else:
+            mask = mask[..., -keep:, :]
+        kwargs["attention_mask"] = mask
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., -keep:]
+        cut = (cos[:, -keep:].contiguous(), sin[:, -keep:].contiguous())
+        return (hidden, cut, per_layer[:, -keep:].contiguous(), *rest), kwargs
+
+    return layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)

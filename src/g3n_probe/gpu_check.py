@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import arch, patching
+from . import arch, patching, patching_plan
 from .bench import median_time, rss, sync
 from .checkpoint import (
     by_file,
@@ -67,7 +67,8 @@ HOST_TABLE = Target("G4", "table on the host / on the accelerator", 1.05, "×")
 LOAD_TIME = Target("G5", "g3n.load call to the first finished trace", None, "s")
 READ_TIME = Target("G5", "reading the text tensors' bytes alone", None, "s")
 LOAD_MEMORY = Target("G5", "host memory the load added (peak RSS − RSS before) / (per-layer table + 1 GiB)", 1.0, "×")
-SWEEP = Target("G6", "patches/s, patching sweep / one trace per patch", 10.0, "×", at_least=True)
+SWEEP = Target("G6", "patches/s, patching sweep / one stock forward per patch with a plain torch hook", 20.0, "×",
+               at_least=True)
 DECOMPOSE = Target("G7", "g3n.decompose of a logit difference at every position / a traced forward, time", 3.0, "×")
 TARGETS = (RESIDENT, PEAK, INJECTED, ALL_SAVED, HOST_TABLE, LOAD_TIME, READ_TIME, LOAD_MEMORY, SWEEP, DECOMPOSE)
 
@@ -178,12 +179,74 @@ def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
     return result
 
 
-def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | None = None) -> dict[str, Any]:
-    """Patches per second of `patching.sweep` (``chunk`` variants per forward, layers before a chunk's first
-    patch reused) against a loop of one plain trace per patch, on the same patches: ``resid_mid`` at
-    ``layers`` (default all) × every position of a random B1×T prompt pair whose middle token differs, with
-    a last-position logit difference (``logits_to_keep=1``). The sweep's time includes its own set-up (the
-    source cache and the two baseline forwards); the loop's does not."""
+def _resid_mid_hooks(stock: torch.nn.Module, clean: torch.Tensor, layers: list[int]) -> tuple[list, dict]:
+    """The stock decoder layers, and the clean prompt's resid_mid at ``layers`` read with plain forward
+    pre-hooks on ``pre_feedforward_layernorm`` (its input is resid_mid), from one stock forward."""
+    decoders = arch.text_model(stock).layers
+    kept: dict[int, torch.Tensor] = {}
+    handles = [decoders[layer].pre_feedforward_layernorm.register_forward_pre_hook(
+        lambda module, args, layer=layer: kept.__setitem__(layer, args[0].detach().clone())) for layer in layers]
+    try:
+        with torch.no_grad():
+            stock(input_ids=clean, attention_mask=torch.ones_like(clean), logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return decoders, kept
+
+
+def _patching_ways(model: Any, stock: torch.nn.Module, clean: torch.Tensor, corrupted: torch.Tensor,
+                   layers: list[int], chunk: int, metric: Callable) -> dict[str, Callable[[], tuple[int, float]]]:
+    """The four ways of G6, each a callable doing every patch and returning (forwards, work done as a fraction
+    of one whole forward per patch)."""
+    device = next(stock.parameters()).device
+    tokens = clean.shape[1]
+    variants = [(layer, "resid_mid", position) for layer in layers for position in range(tokens)]
+    by_name = {p.name: p for p in POINTS}
+    source = model.cache(clean, ["resid_mid"], layers=layers, verbose=False)
+    decoders, stock_source = _resid_mid_hooks(stock, clean.to(device), layers)
+    ids = corrupted.to(device)
+
+    def plain_hooks() -> tuple[int, float]:   # what a user writes without g3n_probe
+        for layer, _, position in variants:
+            def write(module: Any, args: tuple, layer: int = layer, position: int = position) -> None:
+                args[0][:, position] = stock_source[layer][:, position]   # in place: the MLP and the residual add
+            handle = decoders[layer].pre_feedforward_layernorm.register_forward_pre_hook(write)
+            try:
+                with torch.no_grad():
+                    metric(stock(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1).logits)
+            finally:
+                handle.remove()
+        return len(variants), 1.0
+
+    def one_per_trace() -> tuple[int, float]:
+        for variant in variants:
+            patching.patched_metric(model, corrupted, [variant], source, by_name, metric, logits_to_keep=1)
+        return len(variants), 1.0
+
+    def sweep(reuse: str) -> Callable[[], tuple[int, float]]:
+        def run() -> tuple[int, float]:
+            result = patching.sweep(model, clean, corrupted, metric, layers=layers, chunk=chunk, logits_to_keep=1,
+                                    reuse=reuse)
+            return result.forwards, result.work
+        return run
+
+    return {"plain_hooks": plain_hooks, "one_per_trace": one_per_trace, "sweep_layers": sweep("layers"),
+            "sweep": sweep("tokens")}
+
+
+def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | None = None, rounds: int = 1,
+                     stock: torch.nn.Module | None = None) -> dict[str, Any]:
+    """G6: patches per second on the same patches, four ways: (a) ``plain_hooks``, one forward per patch of a
+    stock model with a plain torch hook (``stock``, else the module the probe wraps, called outside any trace:
+    its points idle, G3 bounds them); (b) ``one_per_trace``, a loop of one-patch traces; (c) ``sweep_layers``,
+    `patching.sweep` reusing the target's layers only; (d) ``sweep``, reusing its layers and its keys and
+    values (token reuse). The patches: ``resid_mid`` at ``layers`` (default all) × every position of a random
+    B1×T prompt pair whose middle token differs, with a last-position logit difference (``logits_to_keep=1``).
+    The ways run interleaved, ``rounds`` times, each figure the median round; a sweep's time includes its
+    set-up (the source cache and the baseline forwards). ``work``: layer-positions computed, as a fraction of
+    one whole forward per patch; ``floor``: Σ (L − l)(T − p) / (L·T) over the patches, the least any way needs.
+    ``speedup`` is (d) over (a)."""
     vocab = model.text_config.vocab_size_per_layer_input
     generator = torch.Generator().manual_seed(0)
     clean = torch.randint(3, vocab, (1, tokens), generator=generator)
@@ -193,32 +256,33 @@ def measure_patching(model: Any, tokens: int, chunk: int, layers: list[int] | No
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logits[:, -1, 7] - logits[:, -1, 8]
 
-    layers = list(range(model.text_config.num_hidden_layers)) if layers is None else layers
-    device = next(model.hf_model.parameters()).device
-    variants = [(layer, "resid_mid", position) for layer in layers for position in range(tokens)]
-    by_name = {p.name: p for p in POINTS}
-    source = model.cache(clean, ["resid_mid"], layers=layers, verbose=False)
-
-    def loop() -> int:
-        for variant in variants:
-            patching.patched_metric(model, corrupted, [variant], source, by_name, metric, logits_to_keep=1)
-        return len(variants)
-
-    def sweep() -> int:
-        return patching.sweep(model, clean, corrupted, metric, layers=layers, chunk=chunk, logits_to_keep=1).forwards
-
-    results: dict[str, Any] = {"tokens": tokens, "layers": layers, "chunk": chunk}
+    count = model.text_config.num_hidden_layers
+    layers = list(range(count)) if layers is None else layers
+    stock = model.hf_model if stock is None else stock
+    ways = _patching_ways(model, stock, clean, corrupted, layers, chunk, metric)
+    device = next(stock.parameters()).device
     patching.sweep(model, clean, corrupted, metric, layers=layers[:1], positions=[0, 1], chunk=chunk,
                    logits_to_keep=1)   # warm-up
-    for label, run in (("one_per_trace", loop), ("sweep", sweep)):
-        sync(device)
-        start = time.perf_counter()
-        forwards = run()
-        sync(device)
-        seconds = time.perf_counter() - start
-        results[label] = {"seconds": seconds, "patches": len(variants),
-                          "patches_per_second": len(variants) / seconds, "forwards": forwards}
-    results["speedup"] = results["sweep"]["patches_per_second"] / results["one_per_trace"]["patches_per_second"]
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    done: dict[str, tuple[int, float]] = {}
+    for _ in range(rounds):
+        for name, run in ways.items():
+            sync(device)
+            start = time.perf_counter()
+            done[name] = run()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    patches = len(layers) * tokens
+    results: dict[str, Any] = {"tokens": tokens, "layers": layers, "chunk": chunk, "rounds": rounds,
+                               "floor": patching_plan.work_floor([(layer, position) for layer in layers
+                                                                  for position in range(tokens)], count, tokens)}
+    for name, times in seconds.items():
+        median = sorted(times)[len(times) // 2]
+        results[name] = {"seconds": median, "rounds_seconds": times, "patches": patches,
+                         "patches_per_second": patches / median, "forwards": done[name][0], "work": done[name][1]}
+    rate = {name: results[name]["patches_per_second"] for name in ways}
+    results.update(speedup=rate["sweep"] / rate["plain_hooks"], speedup_vs_traces=rate["sweep"] / rate["one_per_trace"],
+                   speedup_layers=rate["sweep_layers"] / rate["plain_hooks"])
     return results
 
 

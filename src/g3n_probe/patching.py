@@ -17,11 +17,18 @@ length); an entry is the metric's mean over the K pairs, each pair patched with 
 and a forward's rows are variants × pairs (`patching_plan`).
 
 ``direction="denoise"`` (default) runs the corrupted prompt and writes clean values into it;
-``"noise"`` runs the clean prompt and writes corrupted values. Every row is the unpatched target until
-its patched layer, so the layers before a chunk's first patch are skipped and give the target's own
-output (see `patched_metric`). Exactness: each entry equals what plain torch hooks on a stock model give
-for the same batch with the same layers replaced (tested with ``torch.equal``); against one patch per
-forward it differs only by how the batch size changes kernel rounding.
+``"noise"`` runs the clean prompt and writes corrupted values. Every row is the unpatched target before
+its patched layer and before its first patched position (everything but attention is per token, and
+attention is causal), so a chunk reuses one forward of the target along both axes (`patching_cache`):
+the layers before the chunk's first patch are skipped and give the target's own output, and the chunk
+runs only the positions from its first patched one on, the target's keys and values before it given as
+a KV cache (``reuse="tokens"``, the default; ``reuse="layers"`` reuses layers only). Rows are ordered
+so that chunks are tiles of the layer × position grid (`patching_plan.reuse_order`).
+
+Exactness: with ``reuse="layers"`` each entry equals what plain torch hooks on a stock model give for
+the same batch with the same layers replaced (``torch.equal``); with ``reuse="tokens"`` each entry agrees
+with one stock forward of the whole prompt per patch, with plain hooks, to within 1e-5 of the metric's
+span (the cached attention has other kernel shapes, so it rounds differently; tested for every point).
 """
 
 from __future__ import annotations
@@ -33,15 +40,29 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import arch
+from ._compat import base_skip
+from .patching_cache import (
+    TargetRun,
+    beyond_reach,
+    checked_reuse,
+    chunk_start,
+    run_source,
+    run_target,
+    tail,
+    token_reuse_unavailable,
+)
 from .patching_plan import (
     Plan,
     Variant,
     cells,
+    chunk_work,
     columns,
+    first_token,
     label,
     normalized_variant,
     part_columns,
     prepare,
+    reuse_order,
     variants,
 )
 from .points import BY_NAME, Point, execution_rank
@@ -62,7 +83,9 @@ class PatchingResult:
 
     ``baseline`` is the metric of the unpatched run, ``source`` the metric of the prompt the values came
     from (means over the pairs; ``baselines``/``sources`` per pair, [K]); `normalized` maps baseline to 0
-    and source to 1.
+    and source to 1. ``reuse`` says what the chunks reused of the target's forward ("tokens" or "layers", see
+    `sweep`) and ``work`` the layer × position cells they computed, as a fraction of one whole forward per
+    patch (1 for one forward per patch).
     """
 
     points: list[str]
@@ -80,6 +103,8 @@ class PatchingResult:
     per_pair: dict[str, torch.Tensor] = field(default_factory=dict)
     baselines: torch.Tensor | None = None
     sources: torch.Tensor | None = None
+    reuse: str = "layers"   # what the chunks reused of the target's forward: "tokens" or "layers"
+    work: float = math.nan  # layer-positions computed, as a fraction of one whole forward per patch
 
     @property
     def pairs(self) -> int:
@@ -171,7 +196,7 @@ def _baseline_metric(metric: Metric, target_logits: torch.Tensor,
 def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
           layers: Iterable[int] | None = None, positions: Sequence[int | Sequence[int]] | None = None,
           direction: str = "denoise", chunk: int = 32, logits_to_keep: int = 0, heads: Any = None,
-          streams: Any = None) -> PatchingResult:
+          streams: Any = None, reuse: str = "tokens") -> PatchingResult:
     """Activation patching of ``points`` at every layer and position, ``chunk`` patched rows per forward.
 
     Args:
@@ -188,8 +213,7 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
             token of a name).
         direction: "denoise" writes clean values into the corrupted run, "noise" the reverse.
         chunk: rows per forward, a row being one variant on one pair (variants × pairs): the memory budget
-            (activations scale with it). Layers before a chunk's first patch are not recomputed: they give
-            the target's own output (`patched_metric`).
+            (activations scale with it).
         logits_to_keep: compute logits for the last n positions only (0: all), as in a trace; a metric
             that reads only the last position (logits[:, -1]) can pass 1 and skip most of the lm_head.
         heads: how ``attn_z`` is patched: None or "all" the whole [H, Dh] vector at a position; "each" one
@@ -198,49 +222,90 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequen
         streams: how the stream stacks (``input``, ``output``, ``altup_predict``, ``altup_correct``) are
             patched: None or "all" every stream; an int only that stream, values [layers, positions]; "each"
             or a list (entries streams or groups of streams) one column each, values [layers, positions, n].
+        reuse: what a chunk takes from one forward of the target instead of recomputing it (exact: a row is
+            the target before its patched layer and before its first patched position). "tokens" (default):
+            the layers before the chunk's first patch (KV 'store' layers among them hand on the target's keys
+            and values) and, at every later layer, the positions before the chunk's first patched position
+            (their keys and values as a KV cache; the metric gets the target's logits there); rows are
+            ordered into chunks that tile the layer × position grid (``result.work``: the fraction of one
+            forward per patch computed); with logits_to_keep=n the trailing KV-reuse layers run the last
+            positions only, and a patch there that no kept logit sees costs nothing. "layers": the layers
+            only (store layers run), rows in execution order: each chunk is then the same batch as stock
+            hooks with those layers replaced, bit for bit.
+            "tokens" falls back to "layers" (``result.reuse`` says which ran) under an attention
+            implementation other than sdpa or eager, or with logits_to_keep a list of positions.
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
+    reuse = "layers" if checked_reuse(reuse) == "tokens" and token_reuse_unavailable(model, logits_to_keep) else reuse
     plan = prepare(model, clean, corrupted, points, layers, direction)
     positions = columns(positions, plan.target_ids.shape[1])
     part_of = part_columns(model, plan.names, heads, streams)
-    source = model.cache(plan.source_ids, plan.names, layers=plan.layers, verbose=False)
     found = variants(plan.layers, plan.names, positions, part_of)
-    rows = [(v, k) for v in range(len(found)) for k in range(plan.pairs)]   # variants × pairs, variant-major
-    chunks = [rows[start:start + chunk] for start in range(0, len(rows), chunk)]
+    chunks, free, work = _chunks(model, found, plan.pairs, chunk, reuse, plan.target_ids.shape[1], logits_to_keep)
+    scores, baselines, sources = _run(model, plan, found, chunks, metric, logits_to_keep, reuse)
+    scores[free] = baselines
+    per_pair = _by_point(plan, positions, part_of, found, scores)
+    return PatchingResult(points=plan.names, layers=plan.layers, positions=positions,
+                          values={name: v.mean(-1) for name, v in per_pair.items()}, baseline=float(baselines.mean()),
+                          source=float(sources.mean()), direction=direction, forwards=len(chunks),
+                          tokens=_labels(model, plan, positions), heads=heads, streams=streams, per_pair=per_pair,
+                          parts={n: spec for n, spec in part_of.items() if isinstance(spec, list)},
+                          baselines=baselines, sources=sources, reuse=reuse, work=work)
+
+
+def _run(model: Any, plan: Plan, found: list[Variant], chunks: list[list[tuple[int, int]]], metric: Metric,
+         logits_to_keep: int, reuse: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The metric of every (variant, pair) row [variants, K], and of the unpatched target and the source [K],
+    each side's from one forward of its K prompts (`patching_cache.run_source`, `run_target`)."""
     # The target's own layer outputs that a skipped prefix hands on (`prefix_needs`), saved once.
-    needed = sorted(set().union(*(prefix_needs(model, [found[v] for v, _ in group]) for group in chunks)))
-    prefix, baselines, sources = _unpatched(model, plan, needed, metric, logits_to_keep)
+    needed = sorted(set().union(*(prefix_needs(model, [found[v] for v, _ in group], reuse != "tokens")
+                                  for group in chunks)))
+    source, source_logits = run_source(model, plan.source_ids, plan.names, plan.layers, logits_to_keep)
+    target = run_target(model, plan.target_ids, needed, logits_to_keep, keep_kv=reuse == "tokens")
+    baselines, sources = _baseline_metric(metric, target.logits, source_logits)
     scores = torch.full((len(found), plan.pairs), math.nan)
     for group in chunks:
         got = patched_metric(model, plan.target_ids, [found[v] for v, _ in group], source, BY_NAME, metric,
-                             logits_to_keep, prefix, pairs=[k for _, k in group])
+                             logits_to_keep, pairs=[k for _, k in group], target=target)
         scores[torch.tensor([v for v, _ in group]), torch.tensor([k for _, k in group])] = got
-    per_pair = _by_point(plan, positions, part_of, found, scores)
-    labels = []
-    if model.tokenizer is not None:
-        labels = [model.tokenizer.decode([int(t) for t in plan.target_ids[0, list(p) if isinstance(p, tuple) else [p]]])
-                  for p in positions]
-    return PatchingResult(points=plan.names, layers=plan.layers, positions=positions,
-                          values={name: v.mean(-1) for name, v in per_pair.items()}, baseline=float(baselines.mean()),
-                          source=float(sources.mean()), direction=direction, forwards=len(chunks), tokens=labels,
-                          parts={n: spec for n, spec in part_of.items() if isinstance(spec, list)}, heads=heads,
-                          streams=streams, per_pair=per_pair, baselines=baselines, sources=sources)
+    return scores, baselines, sources
 
 
-def _unpatched(model: Any, plan: Plan, needed: list[int], metric: Metric,
-               logits_to_keep: int) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The target's outputs of the ``needed`` layers ([S, K, T, D]) and the metric per pair of the unpatched
-    target and of the source, from one forward of each side's K prompts."""
-    prefix: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), model.trace(plan.target_ids, logits_to_keep=logits_to_keep):
-        for layer in needed:
-            prefix[layer] = model.layers[layer].output.save()
-        target_logits = model.logits.output.save()
-    with torch.no_grad(), model.trace(plan.source_ids, logits_to_keep=logits_to_keep):
-        source_logits = model.logits.output.save()
-    baselines, sources = _baseline_metric(metric, target_logits, source_logits)
-    return prefix, baselines, sources
+def _labels(model: Any, plan: Plan, positions: list) -> list[str]:
+    """The columns' tokens as text (the first pair's), or none without a tokenizer."""
+    if model.tokenizer is None:
+        return []
+    return [model.tokenizer.decode([int(t) for t in plan.target_ids[0, list(p) if isinstance(p, tuple) else [p]]])
+            for p in positions]
+
+
+def layers_run(model: Any, keep_stores: bool = True) -> list[int]:
+    """``runs[l]``: the layers a forward whose first patch is at layer l runs: l … L − 1, and (``keep_stores``)
+    the KV 'store' layers before l."""
+    count = model.text_config.num_hidden_layers
+    stores = [keep_stores and arch.is_kv_store(model.text_config, i) for i in range(count)]
+    return [count - layer + sum(stores[:layer]) for layer in range(count)]
+
+
+def _chunks(model: Any, found: list[Variant], pairs: int, chunk: int, reuse: str, tokens: int,
+            logits_to_keep: Any) -> tuple[list[list[tuple[int, int]]], list[int], float]:
+    """The sweep's forwards, each a list of (variant, pair) rows; the variants no forward needs (with token
+    reuse: those no kept logit can see, `patching_cache.beyond_reach`, whose entry is the baseline); and the
+    work done as a fraction of one whole forward per row (`patching_plan.chunk_work`). With token reuse a
+    chunk starts at its first patched position and the rows are ordered into tiles (`reuse_order`); else
+    they run in execution order."""
+    runs = layers_run(model, keep_stores=reuse != "tokens")
+    free = beyond_reach(model, found, tokens, logits_to_keep) if reuse == "tokens" else []
+    needed = sorted(set(range(len(found))) - set(free))
+    at = [(variant[0], chunk_start(first_token(variant), tokens) if reuse == "tokens" else 0) for variant in found]
+    cut = tail(model, 0, 0, tokens, logits_to_keep, chunk) if reuse == "tokens" else None   # chunks before R
+    order = [needed[i] for i in reuse_order([at[v] for v in needed], pairs, chunk, runs, tokens, cut)] \
+        if reuse == "tokens" else needed
+    rows = [(v, k) for v in order for k in range(pairs)]   # a variant's pairs together
+    chunks = [rows[start:start + chunk] for start in range(0, len(rows), chunk)]
+    done = float(chunk_work(order, at, pairs, chunk, runs, tokens, cut).sum())
+    return chunks, free, done / (len(found) * pairs * len(runs) * tokens) if found else math.nan
 
 
 def _by_point(plan: Plan, positions: list, part_of: dict, found: list[Variant],
@@ -260,24 +325,27 @@ def _by_point(plan: Plan, positions: list, part_of: dict, found: list[Variant],
     return per_pair
 
 
-def _skipped(model: Any, variants: Sequence[Sequence[Any]]) -> list[int]:
-    """The layers a chunk skips: those before its first patch, but not KV 'store' layers, which run
-    because later layers read the keys and values they leave during the forward. (A patch of a layer's
-    ``input`` is a patch of that layer: the layers before it are skipped, the layer runs.)"""
+def _skipped(model: Any, variants: Sequence[Sequence[Any]], keep_stores: bool = True) -> list[int]:
+    """The layers a chunk skips: those before its first patch, but (``keep_stores``) not KV 'store' layers,
+    which then run because later layers read the keys and values they leave during the forward. With the
+    target's keys and values at hand (token reuse) a skipped store layer hands on the target's instead
+    (`patching_cache.TargetRun.share_skipped_stores`). (A patch of a layer's ``input`` is a patch of that
+    layer: the layers before it are skipped, the layer runs.)"""
     first = min(variant[0] for variant in variants)
-    return [i for i in range(first) if not arch.is_kv_store(model.text_config, i)]
+    return [i for i in range(first) if not (keep_stores and arch.is_kv_store(model.text_config, i))]
 
 
-def prefix_needs(model: Any, variants: Sequence[Sequence[Any]]) -> set[int]:
+def prefix_needs(model: Any, variants: Sequence[Sequence[Any]], keep_stores: bool = True) -> set[int]:
     """The skipped layers whose output is read (by the layer after them, which runs); the other skipped
     layers hand their output to a skipped layer, so any value of the right shape does."""
-    skipped = set(_skipped(model, variants))
+    skipped = set(_skipped(model, variants, keep_stores))
     return {i for i in skipped if i + 1 not in skipped}
 
 
 def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequence[Any]], source: dict,
                    by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0,
-                   prefix: dict[int, torch.Tensor] | None = None, pairs: Sequence[int] | None = None) -> torch.Tensor:
+                   prefix: dict[int, torch.Tensor] | None = None, pairs: Sequence[int] | None = None,
+                   target: TargetRun | None = None) -> torch.Tensor:
     """One forward of ``len(variants)`` rows; row r is pair ``pairs[r]`` of ``target_ids`` ([K, T]; default
     pair 0 for every row) with variant r's value from the same pair of ``source`` patched in.
 
@@ -289,44 +357,80 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequ
     ``prefix`` (layer -> the target's own output of that layer, [S, K, T, D] from a forward of
     ``target_ids``, for at least the layers `prefix_needs` names): every row is the unpatched target until
     the first patched layer, so the layers before it are skipped and give the target's output, except KV
-    'store' layers, which run. On a sweep over all layers this halves the work. Rows then differ from a
-    plain batched forward of the same patches by batch-composition rounding only (the skipped layers ran at
-    batch K). ``None``: nothing is skipped.
+    'store' layers, which run. Rows then differ from a plain batched forward of the same patches by
+    batch-composition rounding only (the skipped layers ran at batch K). ``None``: nothing is skipped.
+    ``target`` (a `patching_cache.TargetRun` of ``target_ids``) gives the prefix instead; when it holds the
+    target's keys and values (token reuse), store layers before the first patch are skipped too (they hand
+    on the target's keys and values), the forward runs only the positions from the variants' first patched
+    one (p; `patching_cache.chunk_start`) on, with the keys and values before p as a KV cache, and the metric
+    is given the target's logits before p followed by the forward's (all T, or the last ``logits_to_keep``).
     """
     variants = [normalized_variant(variant) for variant in variants]
     pairs = [0] * len(variants) if pairs is None else [int(k) for k in pairs]
     if len(pairs) != len(variants):
         raise ValueError(f"pairs names {len(pairs)} rows and variants {len(variants)}: give one pair per variant")
     pair_index = torch.tensor(pairs, dtype=torch.long)
-    skipped = _skipped(model, variants) if prefix is not None else []
-    if prefix is not None and (missing := prefix_needs(model, variants) - set(prefix)):
+    tokens = target is not None and target.kv is not None
+    prefix = target.outputs if target is not None else prefix
+    skipped = _skipped(model, variants, keep_stores=not tokens) if prefix is not None else []
+    if prefix is not None and (missing := prefix_needs(model, variants, keep_stores=not tokens) - set(prefix)):
         raise ValueError(f"prefix lacks the target's output of layer(s) {sorted(missing)}")
-    plan: dict[tuple[int, str], list[tuple[int, int, int, int | None]]] = {}
-    for row, (variant, pair) in enumerate(zip(variants, pairs)):
-        plan.setdefault(variant[:2], []).extend((row, pair, token, part) for token, part in cells(variant))
-    steps = sorted(plan, key=lambda key: (key[0], execution_rank(by_name[key[1]], key[0])))
-    with torch.no_grad(), model.trace(target_ids[pair_index], logits_to_keep=logits_to_keep):
-        _skip_prefix(model, skipped, prefix, pair_index)
-        for layer, name in steps:
-            point = by_name[name]
-            _write(point, point.read(model, layer), source[point.qualified(layer)], plan[(layer, name)])
-        logits = model.logits.output.save()
+    start = chunk_start(min(first_token(v) for v in variants), target.tokens) if tokens else 0
+    cut = tail(model, min(v[0] for v in variants), start, target.tokens, logits_to_keep, len(variants)) \
+        if tokens else None
+    plan, steps = _write_plan(variants, pairs, by_name, start, cut, target_ids.shape[1])
+    ids, kwargs = target.suffix(target_ids, pair_index, start) if start else (target_ids[pair_index], {})
+    keep = target.suffix_keep(start) if start else logits_to_keep
+    handles = target.share_skipped_stores(model, skipped, pair_index) + target.keep_tail(model, cut) if tokens else []
+    try:
+        with torch.no_grad(), model.trace(ids, logits_to_keep=keep, **kwargs):
+            _skip_prefix(model, skipped, prefix, pair_index, start)
+            for layer, name in steps:
+                point, (offset, entries) = by_name[name], plan[(layer, name)]
+                _write(point, point.read(model, layer), source[point.qualified(layer)], entries, offset)
+            logits = model.logits.output.save()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if start:
+        logits = target.full_logits(logits, pair_index)
     return _metric_rows(metric(logits), logits).detach().float().cpu()
 
 
+def _write_plan(variants: list[Variant], pairs: list[int], by_name: dict[str, Point], start: int = 0,
+                cut: tuple[int, int] | None = None, tokens: int = 0) -> tuple[dict, list[tuple[int, str]]]:
+    """Per (layer, point): the first position its value holds (``start``, or T − m from layer R on where
+    ``cut`` = (R, m), `patching_cache.tail`) and the cells to write there, (row, pair, token − that, part);
+    and the (layer, point) steps in execution order. A cell before a cut layer's first position is dropped:
+    no kept logit can see it (`patching_cache.beyond_reach`)."""
+    plan: dict[tuple[int, str], tuple[int, list[tuple[int, int, int, int | None]]]] = {}
+    for row, (variant, pair) in enumerate(zip(variants, pairs)):
+        offset = start if cut is None or variant[0] < cut[0] else tokens - cut[1]
+        entries = [(row, pair, token - offset, part) for token, part in cells(variant) if token >= offset]
+        if entries:
+            plan.setdefault(variant[:2], (offset, []))[1].extend(entries)
+    return plan, sorted(plan, key=lambda key: (key[0], execution_rank(by_name[key[1]], key[0])))
+
+
 def _skip_prefix(model: Any, skipped: list[int], prefix: dict[int, torch.Tensor] | None,
-                 pair_index: torch.Tensor) -> None:
-    """Inside a trace: every skipped layer gives row r the target's output for pair ``pair_index[r]``."""
+                 pair_index: torch.Tensor, start: int = 0) -> None:
+    """Inside a trace: every skipped layer gives row r the target's output for pair ``pair_index[r]``, at the
+    positions from ``start`` on."""
     if not skipped:
         return
     template = next(iter(prefix.values()))
     rows = len(pair_index)
     for layer in skipped:
         if layer in prefix:   # stream stacks [S, K, T, D]: the row's pair, once per row
-            model.layers[layer].skip(prefix[layer].index_select(1, pair_index.to(prefix[layer].device)))
+            kept = prefix[layer][:, :, start:]
+            replacement = kept.index_select(1, pair_index.to(kept.device))
         else:                 # handed to a skipped layer: never read, so no memory spent on it
             filler = torch.zeros((), dtype=template.dtype, device=template.device)
-            model.layers[layer].skip(filler.expand(template.shape[0], rows, *template.shape[2:]))
+            replacement = filler.expand(template.shape[0], rows, template.shape[2] - start, *template.shape[3:])
+        if arch.is_kv_store(model.text_config, layer):   # its keys and values come from the target's run
+            base_skip(model.layers[layer], replacement)
+        else:
+            model.layers[layer].skip(replacement)
 
 
 def _part_axis(point: Point) -> int:
@@ -336,22 +440,26 @@ def _part_axis(point: Point) -> int:
     raise ValueError(f"{point.name} {point.shape} has no head (H) or stream (S) axis: patch it whole (part None)")
 
 
-def _write(point: Point, value: Any, patch: torch.Tensor, entries: list[tuple[int, int, int, int | None]]) -> None:
+def _write(point: Point, value: Any, patch: torch.Tensor, entries: list[tuple[int, int, int, int | None]],
+           start: int = 0) -> None:
     """Every (row, pair, token, part) cell of one point in indexed writes (one for the whole-value cells, one
     for the split ones): the rows are distinct, so one write equals the writes one by one, and costs one
-    operation instead of one per variant. Only the source rows written cross to the device."""
+    operation instead of one per variant. Only the source rows written cross to the device. ``token`` is the
+    position in ``value``, which starts at ``start`` of the source's (a chunk run from its first patched
+    position on; an attention pattern keeps all its keys)."""
     for split in (False, True):
         cells_ = [entry for entry in entries if (entry[3] is not None) == split]
         if not cells_:
             continue
         index: list[Any] = [slice(None)] * patch.dim()
         index[point.batch_axis] = torch.tensor([pair for _, pair, _, _ in cells_])
-        index[point.axis("T")] = torch.tensor([token for _, _, token, _ in cells_])
+        index[point.axis("T")] = torch.tensor([token + start for _, _, token, _ in cells_])
         if split:
             index[_part_axis(point)] = torch.tensor([part for *_, part in cells_])
         rows = patch[tuple(index)].to(value.device)
         index = [i.to(value.device) if isinstance(i, torch.Tensor) else i for i in index]
         index[point.batch_axis] = torch.tensor([row for row, *_ in cells_], device=value.device)
+        index[point.axis("T")] = torch.tensor([token for _, _, token, _ in cells_], device=value.device)
         value[tuple(index)] = rows
 
 

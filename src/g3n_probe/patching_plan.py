@@ -274,3 +274,78 @@ def cells(variant: Variant) -> list[tuple[int, int | None]]:
 def label(column: Column, prefix: str) -> str:
     """A part column as a plot label: ``h1``, ``s0+2``."""
     return prefix + ("+".join(str(i) for i in column) if isinstance(column, tuple) else str(column))
+
+
+# ---- the order of a sweep's rows: chunks that share their first layer and their first position ------------
+
+
+def first_token(variant: Variant) -> int:
+    """The earliest position a variant writes (a group's first): nothing before it differs from the target."""
+    position = variant[2]
+    return min(position) if isinstance(position, (tuple, list)) else position
+
+
+def _band_widths(count: int) -> list[int]:
+    """Band widths to try: 1, 2, 3, 4, 6, 8, 12, … up to ``count`` (and ``count`` itself)."""
+    widths, width = {count}, 1
+    while width < count:
+        widths.update({width, width + width // 2} if width > 1 else {1})
+        width *= 2
+    return sorted(w for w in widths if 1 <= w <= count)
+
+
+def chunk_work(order: Sequence[int], cells: Sequence[tuple[int, int]], pairs: int, chunk: int,
+               runs: Sequence[int], tokens: int, cut: tuple[int, int] | None = None) -> torch.Tensor:
+    """The work of each chunk when the variants run in ``order`` (each variant's ``pairs`` rows together, then
+    ``chunk`` rows per forward): rows × layers run × positions run, with ``runs[l]`` the layers a chunk whose
+    first patched layer is l runs and the positions from the chunk's first patched position on; with ``cut``
+    = (R, m), a chunk whose first layer is before R runs layers R … L − 1 at m positions at most. [chunks]"""
+    if not order:
+        return torch.zeros(0)
+    layer_of = torch.tensor([cells[v][0] for v in order]).repeat_interleave(pairs)
+    token_of = torch.tensor([cells[v][1] for v in order]).repeat_interleave(pairs)
+    count = -(-len(layer_of) // chunk)
+    pad = count * chunk - len(layer_of)
+    big = max(len(runs), tokens)
+    first_layer = torch.cat([layer_of, torch.full((pad,), big)]).reshape(count, chunk).amin(1)
+    first_token_ = torch.cat([token_of, torch.full((pad,), big)]).reshape(count, chunk).amin(1)
+    rows = torch.full((count,), chunk)
+    rows[-1] = chunk - pad
+    positions = tokens - first_token_
+    work = rows * torch.tensor(list(runs))[first_layer] * positions
+    if cut is not None:
+        layer, keep = cut
+        saved = (len(runs) - layer) * (positions - keep).clamp(min=0) * (first_layer < layer)
+        work = work - rows * saved
+    return work
+
+
+def reuse_order(cells: Sequence[tuple[int, int]], pairs: int, chunk: int, runs: Sequence[int],
+                tokens: int, cut: tuple[int, int] | None = None) -> list[int]:
+    """Variant indices in the order whose chunks cost least (`chunk_work`): ``cells[v]`` is variant v's (first
+    patched layer, first patched position). A chunk runs from its earliest layer and its earliest position, so
+    good chunks are tiles of the layer × position grid: the candidates are bands of a few layers (positions
+    ascending inside a band) and bands of a few positions (layers ascending inside); the cheapest wins, the
+    first of equals (layer by layer) on a tie. Every candidate has the same number of chunks. Within a cell
+    variants keep their order (execution order)."""
+    layer_rank = {layer: i for i, layer in enumerate(sorted({layer for layer, _ in cells}))}
+    token_rank = {token: i for i, token in enumerate(sorted({token for _, token in cells}))}
+    candidates = []
+    for width in _band_widths(len(layer_rank)):
+        candidates.append(sorted(range(len(cells)), key=lambda v, w=width: (
+            layer_rank[cells[v][0]] // w, cells[v][1], cells[v][0], v)))
+    for width in _band_widths(len(token_rank)):
+        candidates.append(sorted(range(len(cells)), key=lambda v, w=width: (
+            token_rank[cells[v][1]] // w, cells[v][0], cells[v][1], v)))
+    if not candidates:
+        return []
+    costs = [float(chunk_work(order, cells, pairs, chunk, runs, tokens, cut).sum()) for order in candidates]
+    return candidates[min(range(len(costs)), key=costs.__getitem__)]
+
+
+def work_floor(cells: Sequence[tuple[int, int]], layers: int, tokens: int) -> float:
+    """The least work a patch needs, as a fraction of one forward (mean over the cells): a patch at (l, p)
+    changes nothing before layer l or before position p, so (L − l)(T − p) / (L·T) of the forward is new."""
+    if not cells:
+        return 0.0
+    return sum((layers - layer) * (tokens - token) for layer, token in cells) / (len(cells) * layers * tokens)
