@@ -4,6 +4,7 @@ span when the target's keys and values are reused too (``reuse="tokens"``, the d
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 
 import pytest
@@ -133,18 +134,22 @@ def test_result_plots_as_a_heatmap(probe):
     assert result.values["resid_mid"].shape == (6, 3) and not torch.isnan(result.values["resid_mid"]).any()
 
 
+def _retain(kept: list, value: torch.Tensor) -> torch.Tensor:
+    """A plain-hook edit that keeps the stock value with its gradient (the model continues with a copy, as
+    the snapshot point does)."""
+    value.retain_grad()
+    kept.append(value)
+    return value.clone()
+
+
 def test_attribution_uses_stock_gradients_and_tracks_the_real_sweep(probe, stock):
     names, layers = ["resid_mid", "altup_predict", "ple_out"], [1, 3, 5]
     estimate = g3n.patching.attribution(probe, CLEAN, CORRUPTED, metric, points=names, layers=layers)
     source = capture(stock, CLEAN)
     for name in names:
         for i, layer in enumerate(layers):
-            kept = []
-
-            def keep(value):
-                value.retain_grad()
-                kept.append(value)
-                return value.clone()
+            kept: list = []
+            keep = functools.partial(_retain, kept)
 
             with edited(stock, name, layer, keep):
                 out = stock_forward(stock, CORRUPTED)
@@ -551,12 +556,8 @@ def test_attribution_over_pairs_is_the_mean_of_each_pairs_estimate(probe, stock)
     # the stacks' gradients are stock autograd's, read at the decoder layer's own hooks
     for name in ("input", "output"):
         for i, layer in enumerate(layers):
-            kept = []
-
-            def keep(value):
-                value.retain_grad()
-                kept.append(value)
-                return value.clone()
+            kept: list = []
+            keep = functools.partial(_retain, kept)
 
             with ExitStack() as stack:
                 _stock_patch(stock, stack, name, layer, keep)
