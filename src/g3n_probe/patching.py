@@ -381,8 +381,11 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequ
     plan, steps = _write_plan(variants, pairs, by_name, start, cut, target_ids.shape[1])
     ids, kwargs = target.suffix(target_ids, pair_index, start) if start else (target_ids[pair_index], {})
     keep = target.suffix_keep(start) if start else logits_to_keep
-    handles = target.share_skipped_stores(model, skipped, pair_index) + target.keep_tail(model, cut) if tokens else []
+    handles: list = []   # registered inside the try, so a failure while registering removes what is on
     try:
+        if tokens:
+            handles += target.share_skipped_stores(model, skipped, pair_index)
+            handles += target.keep_tail(model, cut)
         with torch.no_grad(), model.trace(ids, logits_to_keep=keep, **kwargs):
             _skip_prefix(model, skipped, prefix, pair_index, start)
             for layer, name in steps:
