@@ -333,10 +333,13 @@ def run_gpu_check(preset: str, device: str, out: Path, results: dict, print_fn: 
     on_gpu = device.startswith("cuda")
     module = random_model(preset, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32)
     layers = module.config.get_text_config().num_hidden_layers
-    # Two layers × every position keeps the one-trace-per-patch side to a few hundred traces.
+    # Two layers × every position keeps the one-trace-per-patch side to a few hundred traces. Both lie before
+    # the trailing KV-reuse layers, where a last-position metric lets most patches cost no forward at all
+    # (that would flatter G6).
     probe = Gemma3nProbe(module, tokenizer=build_tokenizer(module.config))
+    before_reuse = min(arch.kv_sources(module.config.get_text_config()), default=layers)
     results["patching"] = measure_patching(probe, tokens=128 if on_gpu else 16, chunk=64 if on_gpu else 32,
-                                           layers=[layers // 3, 2 * layers // 3])
+                                           layers=[before_reuse // 3, 2 * before_reuse // 3])
     print_fn("decompose: g3n.decompose vs a traced forward ...")
     results["decompose"] = measure_decompose(probe, tokens=512 if on_gpu else 64, repeats=3)
     del module, probe
