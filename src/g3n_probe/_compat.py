@@ -241,13 +241,6 @@ def gemma3n_builds_submodels_with(builder: Any) -> Iterator[Any]:
             modeling_gemma3n.AutoModel = real
 
 
-def stock_eager_attention() -> Callable:
-    """The eager attention function Gemma 3n's attention modules call (never replaced)."""
-    from transformers.models.gemma3n import modeling_gemma3n
-
-    return modeling_gemma3n.eager_attention_forward
-
-
 def attention_implementation(config: Any) -> str | None:
     return getattr(config, "_attn_implementation", None)
 

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .decompose import decompose
 from .loading import load
-from .points import POINTS
+from .points import BY_NAME
 from .probe import Gemma3nProbe
 from .synthetic import build_tokenizer, random_model, save_checkpoint
 
@@ -202,7 +202,6 @@ def _patching_ways(model: Any, stock: torch.nn.Module, clean: torch.Tensor, corr
     device = next(stock.parameters()).device
     tokens = clean.shape[1]
     variants = [(layer, "resid_mid", position) for layer in layers for position in range(tokens)]
-    by_name = {p.name: p for p in POINTS}
     source = model.cache(clean, ["resid_mid"], layers=layers, verbose=False)
     decoders, stock_source = _resid_mid_hooks(stock, clean.to(device), layers)
     ids = corrupted.to(device)
@@ -221,7 +220,7 @@ def _patching_ways(model: Any, stock: torch.nn.Module, clean: torch.Tensor, corr
 
     def one_per_trace() -> tuple[int, float]:
         for variant in variants:
-            patching.patched_metric(model, corrupted, [variant], source, by_name, metric, logits_to_keep=1)
+            patching.patched_metric(model, corrupted, [variant], source, BY_NAME, metric, logits_to_keep=1)
         return len(variants), 1.0
 
     def sweep(reuse: str) -> Callable[[], tuple[int, float]]:

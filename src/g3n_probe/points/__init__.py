@@ -32,8 +32,6 @@ from .routes import (
 from .attention import AttentionWeights
 from .stacks import PointWriteError, StreamBatcher, batch_dim, check_write, mark_stack
 from .table import (
-    AFTER_LAYERS,
-    BEFORE_LAYERS,
     BY_NAME,
     LAYER,
     LAYER_POINTS,
@@ -51,7 +49,7 @@ from .table import (
 )
 
 __all__ = [
-    "AFTER_LAYERS", "BEFORE_LAYERS", "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS",
+    "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS",
     "STACK_ROWS", "TABLE", "AttentionWeights", "HookPoint", "Injection", "InjectionError", "InputOf",
     "KeyValueOutputOf", "LayerArgument", "LayerStack", "Offset", "SquareTransposed", "View", "MethodResult", "MethodRoute", "ModuleItself", "OutputOf", "Point",
     "PointWriteError", "RootOutput", "Route", "SplitLast", "StreamBatcher", "batch_dim", "check_write",

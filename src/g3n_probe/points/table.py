@@ -161,9 +161,6 @@ POINTS = tuple(p for p in TABLE if p not in STACK_ROWS)
 LAYER_POINTS = tuple(p for p in POINTS if p.scope == LAYER)
 MODEL_POINTS = tuple(p for p in POINTS if p.scope == MODEL)
 _FIRST_LAYER_ROW = next(i for i, p in enumerate(TABLE) if p.scope == LAYER)
-#: Model-level points in execution order relative to the layers.
-BEFORE_LAYERS = tuple(p for p in TABLE[:_FIRST_LAYER_ROW] if p.scope == MODEL)
-AFTER_LAYERS = tuple(p for p in TABLE[_FIRST_LAYER_ROW:] if p.scope == MODEL)
 BY_NAME = {p.name: p for p in TABLE}
 
 
