@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--preset", default=None, choices=[None, "tiny", "mid", "e2b", "e4b"])
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads); default 1")
     args = parser.parse_args()
     from g3n_probe.gpu_check import measure_patching
@@ -45,7 +45,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("e2b" if device.type == "cuda" else "mid")
     tokens = args.tokens or (128 if device.type == "cuda" else 16)
-    chunk = args.chunk or (64 if device.type == "cuda" else 16)
+    chunk = args.chunk or (64 if device.type == "cuda" else 32)   # CPU: sweep's default, as the CPU check uses
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     stock = random_model(preset, device=device, dtype=dtype)
     module = random_model(preset, device=device, dtype=dtype)
