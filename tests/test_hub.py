@@ -527,6 +527,20 @@ def test_a_malformed_header_entry_is_refused_before_its_ranges_and_not_called_tr
     assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
 
 
+@pytest.mark.parametrize("name", [["model-00001.safetensors"], 7, None, {"file": "x"}])
+def test_an_index_naming_a_shard_by_something_not_a_file_name_is_refused(server, mixed, tmp_path, name):
+    odd = tmp_path / "odd"
+    shutil.copytree(mixed, odd)
+    index = json.loads((odd / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    (odd / "model.safetensors.index.json").write_text(json.dumps(index))
+    server.add("g3n-test/odd", odd)
+    with pytest.raises(CheckpointError, match="not a valid safetensors index: weight_map names a shard"):
+        hub.fetch("g3n-test/odd", progress=False)
+    assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
+
+
 def test_a_mixed_shard_named_like_a_tokenizer_file_is_planned_by_its_content(server, mixed, tmp_path):
     renamed = tmp_path / "renamed"
     shutil.copytree(mixed, renamed)

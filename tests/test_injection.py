@@ -2,7 +2,8 @@
 
 `g3n.inject` on each of the four stock classes, `Injection.remove` restoring the model exactly, the
 table driving the wiring, and what transformers and a user do with a stock model (signature,
-generate, Trainer's column selection, deepcopy, pickle, output_attentions) working the same.
+generate, Trainer's column selection, deepcopy, pickle) working the same (output_attentions, by call and by
+config: test_stock_cannot_tell.py).
 """
 
 from __future__ import annotations
@@ -305,17 +306,6 @@ def test_pickle_round_trip_keeps_working_points(injected, stock, ids, how):
     g3n.Injection.of(restored).remove()
     assert not any(isinstance(m, HookPoint) for m in restored.modules())
     assert module_state(restored) == module_state(copy.deepcopy(stock))
-
-
-def test_output_attentions_on_an_injected_eager_model(stock_eager_copy, ids):
-    model = copy.deepcopy(stock_eager_copy)
-    g3n.inject(model)
-    with torch.no_grad():
-        ours = stock_forward(model, ids, output_attentions=True)
-        theirs = stock_forward(stock_eager_copy, ids, output_attentions=True)
-    assert torch.equal(ours.logits, theirs.logits)
-    assert len(ours.attentions) == len(theirs.attentions)
-    assert all(torch.equal(a, b) for a, b in zip(ours.attentions, theirs.attentions))
 
 
 def test_no_process_wide_state(stock_eager_copy, ids, tiny_dir):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from g3n_probe.cli import main
-from g3n_probe.points import POINTS, ModuleItself, markdown_table
+from g3n_probe.points import BY_NAME, POINTS, TABLE, ModuleItself, markdown_table, split_qualified
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,17 @@ def test_readme_starts_with_the_two_commands():
     assert "make demo" in head and "make test" in head
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_qualified_names_split_back_into_layer_and_point():
+    for point in TABLE:
+        for layer in (None, 0, 11, -1):
+            name = point.qualified(layer)
+            assert split_qualified(name) == (layer, point.name) and BY_NAME[split_qualified(name)[1]] is point
+    assert split_qualified("layers.3.mlp") == (3, "mlp")   # a layer's module (a transcoder's site)
+    for other in ("layers.x.mlp_out", "layers.3", "layers..mlp_out", "model.layers.3.mlp_out", "layers.3.mlp_out.x",
+                  "layers.--3.mlp_out"):
+        assert split_qualified(other) == (None, other)
 
 
 def test_injected_points_follow_the_table(probe):

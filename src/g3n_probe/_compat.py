@@ -9,6 +9,7 @@ names the version it was checked on.
 | nnsight | ``nnsight.intervention.source.STATE``: a module's ``__dict__`` entry whose ``active()`` says whether a trace runs | 0.8.1 | `is_traced` |
 | nnsight | ``Batcher._narrow_tensor`` / ``_widen_tensor`` / ``assemble_skip``, ``SkipParts``, a view's ``_nnsight_batch`` mark | 0.8.1 | `AxisBatcher` (stream stacks batched on dim 1) |
 | nnsight | ``TransformersModel._call`` / ``_batch_size`` / ``_wrap``, ``_batcher_class``, ``generate.__wrapped__`` | 0.8.1 | `ProbeModelBase` |
+| nnsight / transformers | what nnsight reads off its pipeline: ``.model``, ``.task`` and the Pipeline API's ``_sanitize_parameters`` | 0.8.1 / 5.24.0 | `ModelOnlyPipeline` (a probe without a tokenizer) |
 | nnsight | ``Envoy._module``, ``Envoy._add_envoy``, the ``Envoy.input`` / ``.output`` descriptors | 0.8.1 | `module_of`, `add_envoy`, `base_envoy_value` |
 | nnsight | ``Envoy._child_map`` / ``_children``, ``Interleaver.envoys`` (an envoy's entries in its parent and the tree) | 0.8.1 | `remove_envoy` (`sae` splices) |
 | nnsight | ``Envoy.trace(tracer_cls=...)``, ``InterleavingTracer.execute`` | 0.8.1 | `probe.ExclusiveTracer` |
@@ -27,8 +28,10 @@ names the version it was checked on.
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -146,6 +149,20 @@ class AxisBatcher(Batcher):
             dim = self.batch_dim(first)
             return self.remark(torch.cat([replacement for _, replacement in parts], dim=dim), dim)
         return super().assemble_skip(running)
+
+
+@dataclass
+class ModelOnlyPipeline:
+    """What nnsight reads off its transformers pipeline (``.model``, ``.task`` and the Pipeline API's
+    ``_sanitize_parameters``, checked on nnsight 0.8 / transformers 5.24), without one: token ids need no
+    tokenizer, and nnsight's pipeline cannot be built without one."""
+
+    model: torch.nn.Module
+    task: str
+
+    @staticmethod
+    def _sanitize_parameters(**kwargs: Any) -> tuple[dict, dict, dict]:
+        return {}, kwargs, {}  # every keyword goes to the model's forward
 
 
 class ProbeModelBase(TransformersModel):
@@ -277,10 +294,13 @@ def share_kv_before(layer: torch.nn.Module, layer_type: str, keys: torch.Tensor,
     (``keys``, ``values``) into the forward's ``shared_kv_states`` under ``layer_type``, as its attention would:
     a torch forward pre-hook, so it runs even when nnsight skips the layer's body (checked on 5.24.0, where
     the text model passes the dict as a keyword to every decoder layer)."""
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs["shared_kv_states"][layer_type] = (keys, values)
-
+    hook = functools.partial(_share_kv, layer_type, keys, values)
     return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _share_kv(layer_type: str, keys: torch.Tensor, values: torch.Tensor, module: torch.nn.Module, args: tuple,
+              kwargs: dict) -> None:
+    kwargs["shared_kv_states"][layer_type] = (keys, values)
 
 
 def keep_last_positions(layer: torch.nn.Module, keep: int, total: int, first: bool) -> Any:
@@ -290,20 +310,23 @@ def keep_last_positions(layer: torch.nn.Module, keep: int, total: int, first: bo
     the mask's query rows, ``position_ids``) and, where ``first``, the stack entering it. The keys stay
     whole (``total`` of them). Where sdpa was to use ``is_causal`` (no mask) a boolean causal mask for those
     rows is built, since fewer queries than keys must align to the end (checked on 5.24.0)."""
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-        hidden, (cos, sin), per_layer, *rest = args
-        if first:
-            hidden = hidden[:, :, -keep:].contiguous()
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            queries = torch.arange(total - keep, total, device=hidden.device)
-            mask = (torch.arange(total, device=hidden.device)[None, :] <= queries[:, None])[None, None]
-        else:
-            mask = mask[..., -keep:, :]
-        kwargs["attention_mask"] = mask
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"][..., -keep:]
-        cut = (cos[:, -keep:].contiguous(), sin[:, -keep:].contiguous())
-        return (hidden, cut, per_layer[:, -keep:].contiguous(), *rest), kwargs
-
+    hook = functools.partial(_last_positions, keep, total, first)
     return layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+
+def _last_positions(keep: int, total: int, first: bool, module: torch.nn.Module, args: tuple,
+                    kwargs: dict) -> tuple:
+    hidden, (cos, sin), per_layer, *rest = args
+    if first:
+        hidden = hidden[:, :, -keep:].contiguous()
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        queries = torch.arange(total - keep, total, device=hidden.device)
+        mask = (torch.arange(total, device=hidden.device)[None, :] <= queries[:, None])[None, None]
+    else:
+        mask = mask[..., -keep:, :]
+    kwargs["attention_mask"] = mask
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"][..., -keep:]
+    cut = (cos[:, -keep:].contiguous(), sin[:, -keep:].contiguous())
+    return (hidden, cut, per_layer[:, -keep:].contiguous(), *rest), kwargs

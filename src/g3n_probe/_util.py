@@ -1,4 +1,5 @@
-"""Small helpers shared by the loader, the per-layer table, the caches, the hub fetch and the checkpoint writers."""
+"""Small helpers shared by the loader, the per-layer table, the caches, the hub fetch, the checkpoint writers
+and the distributed readers and writers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 
 def parse_device(value: str | torch.device, name: str = "device") -> torch.device:
@@ -33,3 +35,13 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], Any]) -> None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def rank_world(from_environment: bool = True) -> tuple[int, int]:
+    """(rank, world size) of this process: the initialised process group's, else (``from_environment``) what
+    ``torchrun`` put in ``RANK`` and ``WORLD_SIZE``, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if from_environment:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return 0, 1

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .points import BY_NAME, MODEL, TABLE, Point, concrete_shape, in_execution_order
+from .points import BY_NAME, MODEL, TABLE, Point, concrete_shape, in_execution_order, split_qualified
 
 
 class ActivationCache(dict):
@@ -42,13 +42,12 @@ def valid_names() -> list[str]:
 
 def _layer_list(name: str, n_layers: int, selected: list[int]) -> tuple[str, list[int]]:
     """(row name, layers) for ``"layers.<i>.<name>"`` (one layer) or ``"<name>"`` (every selected layer)."""
-    parts = name.split(".")
-    if len(parts) == 3 and parts[0] == "layers" and parts[1].lstrip("-").isdigit():
-        layer = int(parts[1])
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"{name}: layer {layer} out of range: this model has layers 0..{n_layers - 1}")
-        return parts[2], [layer]
-    return name, selected
+    layer, base = split_qualified(name)
+    if layer is None:
+        return name, selected
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"{name}: layer {layer} out of range: this model has layers 0..{n_layers - 1}")
+    return base, [layer]
 
 
 def select(model: Any, points: Sequence[str] | Callable[[str], bool], layers: Iterable[int] | None = None

@@ -84,7 +84,7 @@ def trace_every_point(probe: Any, ids: torch.Tensor, **trace_kwargs: Any) -> Non
 def _build(variant: str, preset: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """(module, probe or None) for one variant."""
     if variant == "stock_multimodal":   # the towers built for real (timm installed)
-        return build_text_only(preset_config(preset), device, dtype, vision=False, audio=False).eval(), None
+        return build_text_only(preset_config(preset), device, dtype, stub_vision=False, stub_audio=False).eval(), None
     if variant == "g3n_table_host":
         module = random_model(preset, device="cpu", dtype=dtype)
         move_except_table(module, device)

@@ -28,7 +28,7 @@ from .checkpoint import COMPONENTS, read_config, stored_components
 from .demo import run_demo
 from .gpu_check import run_gpu_check
 from .hub import fetch
-from .loading import SUPPORTED_DEVICES, footprint, load, resolve_device, resolve_dtype, resolve_source
+from .loading import footprint, load, resolve_device, resolve_dtype, resolve_source
 from .points import listing
 from .towers import TowerNotLoadedError
 
@@ -70,14 +70,11 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def _device(text: str) -> str:
+    """`loading.resolve_device`'s check, as argparse's error (the message names the device and the choices)."""
     try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; choose {' or '.join(SUPPORTED_DEVICES)}") from None
-    if device.type not in SUPPORTED_DEVICES:
-        raise argparse.ArgumentTypeError(f"{text!r} is not supported; choose {' or '.join(SUPPORTED_DEVICES)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("device=", "", 1)) from None
     return text
 
 

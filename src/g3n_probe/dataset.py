@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ._compat import attention_implementation
-from ._util import atomic_write
+from ._util import atomic_write, rank_world
 from .activations import check_available, collect, estimate_bytes, select
 
 MANIFEST = "manifest.json"
@@ -140,13 +140,15 @@ def file_digest(path: Path) -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available():
+    """`_util.rank_world`, with the process group started under ``torchrun`` when nobody has (the ranks meet
+    at barriers)."""
+    rank, world = rank_world()
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_available():
+            return 0, 1
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return rank_world()
+    return rank, world
 
 
 def _barrier(world: int) -> None:
@@ -293,9 +295,8 @@ def cache_dataset(model: Any, texts: Sequence[str], points: Sequence[str], out_d
     run = _Run(model, texts, [key for key, _, _ in resolved], batch_size, positions, dtype, out, *_rank_world())
     run.identity = run_identity(model, texts, run.keys, batch_size, positions, dtype)
     _check_directory(out, run.identity)
-    n_shards = math.ceil(len(texts) / batch_size)
-    mine = [i for i in range(n_shards) if i % run.world == run.rank]
-    paths = [out / f"shard-{i:06d}.safetensors" for i in mine]
+    mine = rank_shards(len(texts), batch_size, run.rank, run.world)
+    paths = [shard_path(out, i) for i in mine]
     created_dir = not out.exists()
     if run.rank == 0 and out.exists():
         _remove_leftovers(out)
@@ -405,6 +406,17 @@ def _shards_to_write(run: "_Run", mine: list[int], paths: list[Path]) -> list[tu
             warnings.warn(f"{path.name} {problem}: recomputing it", stacklevel=3)
         todo.append((i, path))
     return todo
+
+
+def shard_path(directory: Path, i: int) -> Path:
+    """Where shard ``i`` of a dataset directory lives."""
+    return directory / f"shard-{i:06d}.safetensors"
+
+
+def rank_shards(texts: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The shards of ``texts`` texts in batches of ``batch_size`` that ``rank`` of ``world`` writes and reads:
+    i ≡ rank (mod world)."""
+    return [i for i in range(math.ceil(texts / batch_size)) if i % world == rank]
 
 
 def shard_binding(run: str, i: int, batch_size: int, texts: int) -> dict[str, Any]:

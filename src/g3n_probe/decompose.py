@@ -36,6 +36,7 @@ from . import arch
 from .activations import encode_inputs
 from .decompose_view import DecompositionTable, plot_decomposition
 from .lens import stream_magnitudes
+from .points import split_qualified
 
 COMPONENTS = ("attn_out", "laurel_branch", "mlp_out", "ple_out")
 
@@ -155,13 +156,12 @@ def _where(at: str | None, layers: int) -> tuple[int, str] | None:
     """``"layers.{i}.input"`` / ``"layers.{i}.output"`` -> (i, side)."""
     if at is None:
         return None
-    parts = at.split(".") if isinstance(at, str) else []
-    if len(parts) != 3 or parts[0] != "layers" or not parts[1].lstrip("-").isdigit() or parts[2] not in ("input", "output"):
+    layer, side = split_qualified(at) if isinstance(at, str) else (None, "")
+    if layer is None or side not in ("input", "output"):
         raise ValueError(f"at={at!r}: decompose a layer's stack with 'layers.<i>.input' or 'layers.<i>.output'")
-    layer = int(parts[1])
     if not -layers <= layer < layers:
         raise ValueError(f"at={at!r}: this model has layers 0..{layers - 1}")
-    return layer % layers, parts[2]
+    return layer % layers, side
 
 
 # ---- the one trace -------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from .checkpoint import (
     PICKLE_SUFFIXES,
     SINGLE,
     CheckpointError,
+    by_file,
     check_as_safetensors_does,
     header_length,
     keys_in,
@@ -264,10 +265,9 @@ def _plan(hub: HubClient, listing: Listing, config: Any, index: dict | None,
         mapping = {key: SINGLE for key in headers[SINGLE] if key != "__metadata__"}
     else:
         mapping = index["weight_map"]
-    held: dict[str, set[str]] = {}
-    for key, filename in mapping.items():
+    held = {filename: set(keys) for filename, keys in by_file(mapping).items()}
+    for filename in held:   # once per shard, not once per key
         _check_shard(hub, listing, filename)
-        held.setdefault(filename, set()).add(key)
     read = set(keys_read(mapping, config)[0])
     plans, skipped = [], []
     for filename in sorted(held):
@@ -445,6 +445,8 @@ def _fetch_index(hub: HubClient, listing: Listing, directory: Path, report: Fetc
         index = json.loads((directory / INDEX).read_text())
         if not isinstance(index.get("weight_map"), dict):
             raise TypeError("weight_map is not a mapping")
+        if not all(isinstance(name, str) for name in index["weight_map"].values()):
+            raise TypeError("weight_map names a shard by something other than a file name")
     except (ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{hub.repo_id}/{INDEX} is not a valid safetensors index: {error}") from None
     return index

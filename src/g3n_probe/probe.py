@@ -12,7 +12,6 @@ from __future__ import annotations
 import operator
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -24,6 +23,7 @@ from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
 from . import arch, tl
 from ._compat import (
+    ModelOnlyPipeline,
     ProbeModelBase,
     add_envoy,
     base_envoy_value,
@@ -170,18 +170,6 @@ def _check_input(value: Any) -> None:
                          "(an integer tensor [batch, tokens])")
 
 
-@dataclass
-class _ModelOnly:
-    """What nnsight reads off its transformers pipeline (``.model``, ``.task``), without one."""
-
-    model: torch.nn.Module
-    task: str
-
-    @staticmethod
-    def _sanitize_parameters(**kwargs: Any) -> tuple[dict, dict, dict]:
-        return {}, kwargs, {}  # every keyword goes to the model's forward
-
-
 class Gemma3nProbe(ProbeModelBase):
     """A text-only Gemma 3n under nnsight, with every intervention point of `g3n_probe.points.POINTS`.
 
@@ -206,7 +194,7 @@ class Gemma3nProbe(ProbeModelBase):
             return None
         # Without a tokenizer nnsight's transformers pipeline cannot be built (it insists on one, or
         # loads one from the config's path). Token ids need none of it: a stand-in carries the model.
-        self.pipeline = _ModelOnly(module, self.task)
+        self.pipeline = ModelOnlyPipeline(module, self.task)
         return module
 
     @property

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .dataset import MANIFEST, run_fingerprint, verify_shard
-from .points import BY_NAME, Point
+from ._util import rank_world
+from .dataset import MANIFEST, rank_shards, run_fingerprint, shard_path, verify_shard
+from .points import BY_NAME, Point, checked_stream, split_qualified
 
 
 class Rows(NamedTuple):
@@ -61,12 +60,11 @@ class ActivationDataset(Dataset):
         self.directory = Path(directory)
         self.manifest = _read_manifest(self.directory)
         self.key, self.row = _resolve_point(self.manifest, point, self.directory)
-        self.stream = _check_stream(self.row, stream, self.key)
+        self.stream = checked_stream(stream, self.row.stack, f"{self.key} {self.row.shape}")
         self.dtype = dtype
         self.rank, self.world = _ranks(ranks)
-        texts, batch = int(self.manifest["texts"]), int(self.manifest["batch_size"])
-        self.shards = [i for i in range(math.ceil(texts / batch)) if i % self.world == self.rank]
-        self.paths = [self.directory / f"shard-{i:06d}.safetensors" for i in self.shards]
+        self.shards = rank_shards(int(self.manifest["texts"]), int(self.manifest["batch_size"]), self.rank, self.world)
+        self.paths = [shard_path(self.directory, i) for i in self.shards]
         if verify:
             _verify(self.directory, self.manifest, self.shards, self.paths)
         self._index = [_shard_index(path, self.manifest, i) for i, path in zip(self.shards, self.paths)]
@@ -146,7 +144,7 @@ class ActivationDataset(Dataset):
         """The token ids of text ``text`` (a global text index), padding removed."""
         start = int(self.manifest["batch_size"])
         shard, b = divmod(int(text), start)
-        path = self.directory / f"shard-{shard:06d}.safetensors"
+        path = shard_path(self.directory, shard)
         handle = self._handle(path)
         ids = handle.get_slice("input_ids")[b]
         mask = handle.get_slice("attention_mask")[b] if "attention_mask" in set(handle.keys()) else torch.ones_like(ids)
@@ -268,17 +266,7 @@ def _resolve_point(manifest: dict, point: str, directory: Path) -> tuple[str, Po
     keys = list(manifest.get("points", []))
     if point not in keys:
         raise KeyError(f"{point!r} is not cached in {directory}; it holds {', '.join(keys)}")
-    return point, BY_NAME[point.rsplit(".", 1)[-1]]
-
-
-def _check_stream(row: Point, stream: Any, key: str) -> int | None:
-    if stream is None:
-        return None
-    if not row.stack:
-        raise ValueError(f"{key} {row.shape} is not a stream stack: stream= applies to [S,B,T,D] points only")
-    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
-        raise ValueError(f"stream must be a stream index (0 is the active stream); got {stream!r}")
-    return stream
+    return point, BY_NAME[split_qualified(point)[1]]
 
 
 def _row_shape(row: Point, shape: list[int], stream: int | None) -> list[int]:
@@ -294,9 +282,7 @@ def _ranks(ranks: Any) -> tuple[int, int]:
     if ranks is False or ranks is None:
         return 0, 1
     if ranks == "auto":
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        return rank_world()
     rank, world = ranks
     if not 0 <= int(rank) < int(world):
         raise ValueError(f"ranks=(rank, world) needs 0 <= rank < world; got {ranks!r}")

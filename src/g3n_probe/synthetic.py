@@ -181,7 +181,7 @@ def build_tokenizer(config):
 
 def _checkpoint_shapes(config, preset: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Every tensor a real checkpoint of this config holds, with its shape, in checkpoint order."""
-    model = build_text_only(config, "meta", vision=True, audio=False)
+    model = build_text_only(config, "meta", stub_audio=False)
     shapes = {k: (v.shape, v.dtype) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     # Real checkpoints still carry k/v projections and norms for KV-shared layers.
     text = config.text_config

@@ -84,25 +84,26 @@ class _StubbingAutoModel:
 
 
 @contextmanager
-def tower_stubs(vision: bool = True, audio: bool = True) -> Iterator[None]:
-    """While active, building a ``Gemma3nModel`` puts `TowerStub`s where the chosen towers go."""
-    shim = _StubbingAutoModel({kind for kind, on in (("vision", vision), ("audio", audio)) if on})
+def tower_stubs(stub_vision: bool = True, stub_audio: bool = True) -> Iterator[None]:
+    """While active, building a ``Gemma3nModel`` puts `TowerStub`s where the chosen towers go (the others are
+    built for real, which needs timm for vision)."""
+    shim = _StubbingAutoModel({kind for kind, on in (("vision", stub_vision), ("audio", stub_audio)) if on})
     with gemma3n_builds_submodels_with(shim) as real:
         shim.real = real
         yield
 
 
 def build_text_only(config: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    vision: bool = True, audio: bool = True) -> Any:
+                    stub_vision: bool = True, stub_audio: bool = True) -> Any:
     """A stock ``Gemma3nForConditionalGeneration`` built (initialised) on ``device`` in ``dtype``, with
-    the chosen towers stubbed: the starting point for in-memory models, sub-models and (on the meta
-    device) every plan of shapes and bytes."""
+    the chosen towers stubbed (both by default: text only): the starting point for in-memory models,
+    sub-models and (on the meta device) every plan of shapes and bytes."""
     from transformers import Gemma3nForConditionalGeneration
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with tower_stubs(vision=vision, audio=audio), torch.device(device):
+        with tower_stubs(stub_vision, stub_audio), torch.device(device):
             return Gemma3nForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)

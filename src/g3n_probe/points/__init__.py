@@ -30,7 +30,7 @@ from .routes import (
     rekeep_arguments,
 )
 from .attention import AttentionWeights
-from .stacks import PointWriteError, StreamBatcher, batch_dim, check_write, mark_stack
+from .stacks import PointWriteError, StreamBatcher, batch_dim, check_write, checked_stream, mark_stack
 from .table import (
     BY_NAME,
     LAYER,
@@ -46,13 +46,14 @@ from .table import (
     in_execution_order,
     listing,
     markdown_table,
+    split_qualified,
 )
 
 __all__ = [
     "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS",
     "STACK_ROWS", "TABLE", "AttentionWeights", "HookPoint", "Injection", "InjectionError", "InputOf",
     "KeyValueOutputOf", "LayerArgument", "LayerStack", "Offset", "SquareTransposed", "View", "MethodResult", "MethodRoute", "ModuleItself", "OutputOf", "Point",
-    "PointWriteError", "RootOutput", "Route", "SplitLast", "StreamBatcher", "batch_dim", "check_write",
+    "PointWriteError", "RootOutput", "Route", "SplitLast", "StreamBatcher", "batch_dim", "check_write", "checked_stream",
     "concrete_shape", "execution_rank", "in_execution_order", "inject", "listing", "mark_stack",
-    "markdown_table", "method_route", "rekeep_arguments", "serve",
+    "markdown_table", "method_route", "rekeep_arguments", "serve", "split_qualified",
 ]

@@ -21,6 +21,19 @@ class PointWriteError(ValueError):
     """A write to a point (or to a layer's stream stack) had the wrong type, shape, dtype or device."""
 
 
+def checked_stream(stream: Any, stack: bool, where: str) -> int | None:
+    """``stream`` (None, or a stream index of the stack named by ``where``), refused where it cannot apply: a
+    value that is not a stream stack, or an index that is not a non-negative int (the upper bound needs the
+    stack's shape; its user checks that)."""
+    if stream is None:
+        return None
+    if not stack:
+        raise ValueError(f"{where} is not a stream stack: stream= applies to [S,B,T,D] values only")
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+        raise ValueError(f"stream must be a stream index (0 is the active stream); got {stream!r}")
+    return stream
+
+
 def mark_stack(tensor: Any) -> Any:
     """Mark an [S,B,T,D] stream stack: its batch is dimension 1."""
     if isinstance(tensor, torch.Tensor):

@@ -9,6 +9,7 @@ layer, so execution order, shapes and the batcher's marks come from one place.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -74,6 +75,17 @@ class Point:
         """The value inside a trace on a `g3n_probe.Gemma3nProbe` (``layer`` for per-layer rows)."""
         owner = model if layer is None else model.layers[layer]
         return self.route.read(owner, self.name)
+
+
+_QUALIFIED = re.compile(r"layers\.(-?\d+)\.(\w+)")
+
+
+def split_qualified(name: str) -> tuple[int | None, str]:
+    """``"layers.3.mlp_out"`` -> (3, ``"mlp_out"``), the inverse of `Point.qualified` (also for the layer
+    stacks ``input``/``output`` and the layer's modules, ``"layers.3.mlp"``); any other name -> (None, name).
+    The layer is as written (negative too): its range is the caller's to check."""
+    match = _QUALIFIED.fullmatch(name)
+    return (int(match.group(1)), match.group(2)) if match else (None, name)
 
 
 _HEADS = SplitLast("num_attention_heads")

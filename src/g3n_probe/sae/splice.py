@@ -23,7 +23,6 @@ Any object with ``encode``/``decode`` works (SAELens, dictionary_learning); spar
 from __future__ import annotations
 
 import functools
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -33,10 +32,8 @@ from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
 from .._compat import add_envoy, module_of, remove_envoy, tensor_version
-from ..points import BY_NAME, HookPoint, mark_stack
+from ..points import BY_NAME, HookPoint, checked_stream, mark_stack, split_qualified
 
-_LAYER_STACK = re.compile(r"^layers\.(-?\d+)\.(input|output)$")
-_MLP = re.compile(r"^layers\.(-?\d+)\.mlp$")
 
 
 class FeaturePoint(nn.Module):
@@ -173,18 +170,15 @@ class Site:
 def site_of(model: Any, name: str, transcoder: bool = False) -> Site:
     """The `Site` of a point name (``"layers.3.mlp_out"``, ``"layers.2.output"``, ``"embed"``) or, for a
     transcoder, of an MLP (``"layers.3.mlp"``: its input is read and its output replaced)."""
-    mlp = _MLP.match(name)
-    if transcoder or mlp:
-        if not mlp:
+    layer_index, base = split_qualified(name)
+    if transcoder or (layer_index is not None and base == "mlp"):
+        if layer_index is None or base != "mlp":
             raise ValueError(f"a transcoder splices across an MLP: name it 'layers.<i>.mlp', not {name!r}")
-        layer = model.layers[int(mlp.group(1))]
+        layer = model.layers[layer_index]
         return Site(name, module_of(layer.mlp), layer.mlp, "across", False)
-    stack = _LAYER_STACK.match(name)
-    if stack:
-        layer = model.layers[int(stack.group(1))]
-        side = stack.group(2)
-        return Site(name, module_of(layer), layer, side, True, child=f"sae_{side}")
-    base = name.rsplit(".", 1)[-1]
+    if layer_index is not None and base in ("input", "output"):
+        layer = model.layers[layer_index]
+        return Site(name, module_of(layer), layer, base, True, child=f"sae_{base}")
     point = BY_NAME.get(base)
     hook_point = model.injection.points.get(name)
     if point is None or hook_point is None:
@@ -249,11 +243,7 @@ class Attached:
 
 def attach(site: Site, sae: Any, error: bool = True, stream: int | None = None) -> Attached:
     """Attach a `Splice` at ``site`` (until `Attached.remove`); one splice per place at a time."""
-    if stream is not None:
-        if not site.stack:
-            raise ValueError(f"{site.name} is not a stream stack: stream= applies to [S,B,T,D] values only")
-        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
-            raise ValueError(f"stream must be a stream index (0 is the active stream); got {stream!r}")
+    stream = checked_stream(stream, site.stack, site.name)
     if site.child in dict(site.module.named_children()):
         raise ValueError(f"{site.name} already has an SAE spliced in: remove it first (leave its `spliced` block)")
     splice = Splice(sae, error=error, stream=stream, stack=site.stack, where=site.name)

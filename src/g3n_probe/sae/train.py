@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._compat import remove_child
+from .._util import rank_world
 from ..points import mark_stack
 from .splice import Site, site_of
 
@@ -94,7 +94,7 @@ def train(model: Any, texts: Sequence[str] | torch.Tensor, point: str, *, stream
     if site.stack and stream is None:
         raise ValueError(f"{point} is a stream stack [S,B,T,D]: give stream=k (0 is the active stream); sparsify "
                          "would read its first two axes, (stream, batch), as (batch, token) and train on the wrong rows")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_world(from_environment=False)   # sparsify's DDP needs the group itself
     if world > 1 and model.hf_model.device.type != "cuda":
         raise ValueError("sparsify's distributed training wraps the SAE in DDP(device_ids=[rank]): it needs one GPU "
                          "per rank (the model on cuda:<rank>); on CPU train in one process")
