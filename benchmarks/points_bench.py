@@ -120,9 +120,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default=None, choices=[None, "tiny", "mid", "e2b", "e4b"])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
-                        help="attention implementation (eager: no pattern saved either, as in TransformerLens' cache)")
+                        help="attention implementation (eager: every point saved includes attn_pattern, as TransformerLens' "
+                             "full cache keeps its patterns)")
     parser.add_argument("--shapes", nargs="+", default=None, help="BxT shapes, e.g. 8x256 (default: per device)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
