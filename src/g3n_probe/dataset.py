@@ -140,15 +140,11 @@ def file_digest(path: Path) -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    """`_util.rank_world`, with the process group started under ``torchrun`` when nobody has (the ranks meet
-    at barriers)."""
-    rank, world = rank_world()
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
-        if not dist.is_available():
-            return 0, 1
+    """(rank, world) of the process group, started here under ``torchrun`` (``WORLD_SIZE`` > 1) when nobody has
+    (the ranks meet at barriers); (0, 1) without one."""
+    if dist.is_available() and not dist.is_initialized() and rank_world()[1] > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return rank_world()
-    return rank, world
+    return rank_world() if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def _barrier(world: int) -> None:

@@ -35,7 +35,6 @@ from .._compat import add_envoy, module_of, remove_envoy, tensor_version
 from ..points import BY_NAME, HookPoint, checked_stream, mark_stack, split_qualified
 
 
-
 class FeaturePoint(nn.Module):
     """An identity module: nnsight serves what passes through it at ``.output`` (read, write, ``.grad``)."""
 
@@ -171,8 +170,9 @@ def site_of(model: Any, name: str, transcoder: bool = False) -> Site:
     """The `Site` of a point name (``"layers.3.mlp_out"``, ``"layers.2.output"``, ``"embed"``) or, for a
     transcoder, of an MLP (``"layers.3.mlp"``: its input is read and its output replaced)."""
     layer_index, base = split_qualified(name)
-    if transcoder or (layer_index is not None and base == "mlp"):
-        if layer_index is None or base != "mlp":
+    names_mlp = layer_index is not None and base == "mlp"
+    if transcoder or names_mlp:
+        if not names_mlp:
             raise ValueError(f"a transcoder splices across an MLP: name it 'layers.<i>.mlp', not {name!r}")
         layer = model.layers[layer_index]
         return Site(name, module_of(layer.mlp), layer.mlp, "across", False)
