@@ -7,10 +7,10 @@ memory a forward could not reuse. The modes run in rounds, every mode once a rou
 then five counted), so that they share the allocator's history; a forward pre-hook and a forward hook on
 every module count the faults inside it (inclusive), summed over the layers:
 
-* ``stock``: a never-injected copy of the model, plain call; ``stock twin``: a second one (how far two identical
-  models read apart: the noise of the count);
-* ``injected``: the injected model, plain call; ``trace``: a trace saving nothing;
-* ``all saved``: a trace saving every row of the table at every layer (`bench.trace_every_point`).
+* the modes of `points_bench` (its `MODES`, built by its `build_models` and `mode_runs`): ``stock``, a
+  never-injected copy of the model, plain call; ``stock_twin``, a second one (how far two identical models
+  read apart: the noise of the count); ``injected``, the injected model, plain call; ``trace``, a trace
+  saving nothing; ``trace_all_saved``, a trace saving every row of the table at every layer.
 
     python benchmarks/faults_profile.py                      # CPU, mid, B8×T256, one thread
     python benchmarks/faults_profile.py --batch 4 --tokens 128
@@ -25,23 +25,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import re
-import resource
 from pathlib import Path
 
 import torch
 
-from g3n_probe.bench import trace_every_point
-from g3n_probe.probe import Gemma3nProbe
-from g3n_probe.synthetic import build_tokenizer, random_model
+from points_bench import MODES, build_models, faults, mode_runs, rotated   # the modes points_bench times
 
 HERE = Path(__file__).resolve().parent
-MODES = ("stock", "stock twin", "injected", "trace", "all saved")
-
-
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _count_inside(module: torch.nn.Module, tally: dict) -> list:
@@ -52,12 +43,12 @@ def _count_inside(module: torch.nn.Module, tally: dict) -> list:
         key = re.sub(r"layers\.\d+", "layers.*", name) or "(whole forward)"
 
         def before(sub_: torch.nn.Module, args: tuple, name=name) -> None:
-            started[name] = _faults()
+            started[name] = faults()
 
         def after(sub_: torch.nn.Module, args: tuple, output: object, name=name, key=key) -> None:
-            faults = _faults() - started.pop(name)
+            inside = faults() - started.pop(name)
             if tally["mode"] is not None:
-                tally["counts"][tally["mode"]][key] += faults
+                tally["counts"][tally["mode"]][key] += inside
 
         handles += [sub.register_forward_pre_hook(before), sub.register_forward_hook(after)]
     return handles
@@ -70,9 +61,8 @@ def profile(runs: dict, modules: list[torch.nn.Module], repeats: int) -> dict[st
     tally: dict = {"mode": None, "counts": {mode: collections.Counter() for mode in runs}}
     handles = [handle for module in modules for handle in _count_inside(module, tally)]
     try:
-        modes = list(runs)
         for round_ in range(2 + repeats):
-            for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:   # no mode always after another
+            for mode in rotated(list(runs), round_):
                 tally["mode"] = mode if round_ >= 2 else None
                 runs[mode]()
     finally:
@@ -91,25 +81,9 @@ def main() -> None:
     parser.add_argument("--min-difference", type=int, default=2000, help="rows shown: a mode this far from stock")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    stock = random_model(args.preset)
-    twin = copy.deepcopy(stock)
-    injected = copy.deepcopy(stock)
-    probe = Gemma3nProbe(injected, tokenizer=build_tokenizer(stock.config))
+    stock, twin, probe = build_models(args.preset, torch.device("cpu"), torch.float32)
     ids = torch.randint(3, stock.config.get_text_config().vocab_size_per_layer_input, (args.batch, args.tokens))
-    mask = torch.ones_like(ids)
-
-    def plain(model: torch.nn.Module) -> None:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-    def trace() -> None:
-        with torch.no_grad(), probe.trace(ids):
-            pass
-
-    runs = {"stock": lambda: plain(stock), "stock twin": lambda: plain(twin), "injected": lambda: plain(injected),
-            "trace": trace,
-            "all saved": lambda: trace_every_point(probe, ids)}
-    counts = profile(runs, [stock, twin, injected], args.repeats)
+    counts = profile(mode_runs(stock, twin, probe, ids), [stock, twin, probe.hf_model], args.repeats)
     names = sorted(set().union(*counts.values()), key=lambda key: -max(c[key] for c in counts.values()))
     shown = [key for key in names if key == "(whole forward)"
              or max(abs(counts[mode][key] - counts["stock"][key]) for mode in MODES) >= args.min_difference]

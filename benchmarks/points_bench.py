@@ -34,8 +34,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+
+from g3n_probe.bench import sync, trace_every_point
+from g3n_probe.probe import Gemma3nProbe
+from g3n_probe.synthetic import build_tokenizer, random_model
 
 HERE = Path(__file__).resolve().parent
 #: glibc's malloc, told to serve blocks up to 32 MiB from its heap and keep freed memory (what a user can
@@ -44,52 +49,67 @@ RAISED = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024**2), "MALLOC_TRIM_THRESHOLD_":
 MODES = ("stock", "stock_twin", "injected", "trace", "trace_all_saved")
 
 
-def _faults() -> int:
+def faults() -> int:
+    """Minor page faults of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def rotated(modes: Sequence[str], round_: int) -> list[str]:
+    """``modes`` in round ``round_``'s order: rotated by one each round, so no mode always runs first or after
+    the same one."""
+    shift = round_ % len(modes)
+    return [*modes[shift:], *modes[:shift]]
+
+
+def build_models(preset: str, device: torch.device, dtype: torch.dtype,
+                 attention: str = "sdpa") -> tuple[torch.nn.Module, torch.nn.Module, Gemma3nProbe]:
+    """The stock model, its never-injected twin (a deepcopy) and a probe over a third copy, same weights."""
+    stock = random_model(preset, device=device, dtype=dtype, attn_implementation=attention)
+    twin = copy.deepcopy(stock)
+    probe = Gemma3nProbe(copy.deepcopy(stock), tokenizer=build_tokenizer(stock.config))
+    return stock, twin, probe
+
+
+def mode_runs(stock: torch.nn.Module, twin: torch.nn.Module, probe: Gemma3nProbe,
+              ids: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """One forward of ``ids`` per mode of `MODES`."""
+    mask = torch.ones_like(ids)
+
+    def plain(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def trace() -> None:
+        with torch.no_grad(), probe.trace(ids):
+            pass
+
+    return {"stock": lambda: plain(stock), "stock_twin": lambda: plain(twin), "injected": lambda: plain(probe.hf_model),
+            "trace": trace, "trace_all_saved": lambda: trace_every_point(probe, ids)}
 
 
 def bench(preset: str, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]], rounds: int,
           attention: str = "sdpa") -> list[dict]:
-    from g3n_probe.bench import sync, trace_every_point
-    from g3n_probe.probe import Gemma3nProbe
-    from g3n_probe.synthetic import build_tokenizer, random_model
-
-    stock = random_model(preset, device=device, dtype=dtype, attn_implementation=attention)
-    twin = copy.deepcopy(stock)
-    injected = copy.deepcopy(stock)
-    probe = Gemma3nProbe(injected, tokenizer=build_tokenizer(stock.config))
+    stock, twin, probe = build_models(preset, device, dtype, attention)
     text = stock.config.get_text_config()
     rows = []
     for batch, tokens in shapes:
         ids = torch.randint(3, text.vocab_size_per_layer_input, (batch, tokens), device=device)
-        mask = torch.ones_like(ids)
-
-        def plain(model):
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-        def trace():
-            with torch.no_grad(), probe.trace(ids):
-                pass
-
-        runs = {"stock": lambda: plain(stock), "stock_twin": lambda: plain(twin), "injected": lambda: plain(injected),
-                "trace": trace,
-                "trace_all_saved": lambda: trace_every_point(probe, ids)}
+        runs = mode_runs(stock, twin, probe, ids)
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
-        faults: dict[str, list[int]] = {mode: [] for mode in MODES}
+        counts: dict[str, list[int]] = {mode: [] for mode in MODES}
         for round_ in range(rounds + 1):   # round 0 warms up
-            for mode in MODES[round_ % len(MODES):] + MODES[:round_ % len(MODES)]:   # no mode always first
-                before, start = _faults(), time.perf_counter()
+            for mode in rotated(MODES, round_):
+                before, start = faults(), time.perf_counter()
                 runs[mode]()
                 sync(device)
                 if round_:
                     seconds[mode].append(time.perf_counter() - start)
-                    faults[mode].append(_faults() - before)
+                    counts[mode].append(faults() - before)
         paired = {m: [t / s for t, s in zip(seconds[m], seconds["stock"])] for m in MODES[1:]}
         row = {"model": preset, "attention": attention, "batch": batch, "tokens": tokens,
                "seconds": {mode: statistics.median(values) for mode, values in seconds.items()},
                "ratios": {m: statistics.median(r) for m, r in paired.items()}, "round_ratios": paired,
-               "minor_faults": {m: statistics.median(v) for m, v in faults.items()}}
+               "minor_faults": {m: statistics.median(v) for m, v in counts.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
