@@ -8,6 +8,8 @@
         logits = model.logits.output.save()
 """
 
+from importlib.metadata import version as _version
+
 from . import hub, matformer, patching, sae, synthetic
 from .activations import ActivationCache
 from .audit import AuditReport, audit
@@ -19,6 +21,8 @@ from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, 
 from .probe import Gemma3nProbe
 from .reader import ActivationDataset
 from .towers import TowerNotLoadedError
+
+__version__ = _version("g3n_probe")
 
 __all__ = [
     "POINTS",

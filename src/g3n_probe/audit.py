@@ -33,6 +33,10 @@ EPSILON_SQUARED = 1e-5  # transformers' clamp on the mean square
 
 @dataclass
 class AuditReport:
+    """What ``g3n.audit`` found: where this checkpoint computes differently under transformers than under
+    Google's reference (AltUp coefficients beyond ``clip``, stream rescales below the epsilon on the given
+    inputs, the final soft cap). ``verdict`` sums it up in one line; ``str(report)`` lists each finding."""
+
     clip: float | None
     coefficients_beyond_clip: list[dict] = field(default_factory=list)  # layer, matrix, index, value
     epsilon_hits: list[dict] = field(default_factory=list)  # where, prompt, token, stream, rms
