@@ -57,12 +57,12 @@ def test_the_check_runs_end_to_end_on_cpu(tmp_path, capsys):
     assert (tmp_path / "gpu_check_cpu_tiny.md").read_text().startswith("GPU check on CPU")
 
 
-def test_the_readme_lists_every_target():
+def test_the_docs_list_every_target():
     from pathlib import Path
 
     from g3n_probe.gpu_check import TARGETS, targets_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("<!-- gpu-targets:start -->\n", 1)[1].split("\n<!-- gpu-targets:end -->", 1)[0]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "guides" / "performance.md").read_text()
+    block = page.split("<!-- gpu-targets:start -->\n", 1)[1].split("\n<!-- gpu-targets:end -->", 1)[0]
     assert block == targets_markdown()
     assert {t.name for t in TARGETS} == {f"G{i}" for i in range(1, 8)}

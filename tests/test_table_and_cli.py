@@ -1,4 +1,4 @@
-"""One table drives the README, the CLI and the injection; the CLI runs."""
+"""One table drives the points page of the docs, the CLI and the injection; the CLI runs."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from g3n_probe.points import BY_NAME, POINTS, TABLE, ModuleItself, markdown_tabl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_table_matches_points():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- points-table:start -->\n(.*?)\n<!-- points-table:end -->", readme, re.S)
-    assert block, "README lost its points table markers"
+def test_docs_table_matches_points():
+    page = (ROOT / "docs" / "guides" / "points.md").read_text()
+    block = re.search(r"<!-- points-table:start -->\n(.*?)\n<!-- points-table:end -->", page, re.S)
+    assert block, "docs/guides/points.md lost its points table markers"
     assert block.group(1).strip() == markdown_table().strip()
 
 
