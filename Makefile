@@ -8,7 +8,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test bench gpu-check
+# The documentation tools, on top of the environment above.
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,docs]"
+	touch $@
+
+.PHONY: install demo test bench gpu-check docs docs-serve
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -16,6 +21,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The site from docs/ into site/, offline; --strict: a broken link, a missing page or a warning fails it.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Serves the site on this machine only, rebuilding on change.
+docs-serve: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/load_bench.py --preset tiny
