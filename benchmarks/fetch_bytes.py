@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from g3n_probe import synthetic
-from g3n_probe.checkpoint import keys_read
+from g3n_probe.checkpoint import synthetic
+from g3n_probe.checkpoint.reading import keys_read
 
 
 def figures(preset: str) -> dict[str, float]:

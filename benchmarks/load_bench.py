@@ -55,7 +55,7 @@ _CHILD = textwrap.dedent(
         module, tensors = model._module, model.load_report.tensors_read
     elif mode == "g3n-accelerator-stand-in":
         from g3n_probe.loading import load_text_model
-        from g3n_probe.staging import Staging
+        from g3n_probe.checkpoint.staging import Staging
         module, report = load_text_model(ckpt, dtype=dtype, ple_device="cpu", staging=Staging("meta"))
         tensors = report.tensors_read
     else:

@@ -1,4 +1,4 @@
-"""Memory and speed of the per-layer-table placements (see `g3n_probe.bench`).
+"""Memory and speed of the per-layer-table placements (see `g3n_probe.cli.bench`).
 
     python benchmarks/memory_bench.py                          # CPU, tiny and mid presets
     python benchmarks/memory_bench.py --device cuda            # E2B and E4B shapes on a GPU
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from g3n_probe.bench import run_bench
+from g3n_probe.cli.bench import run_bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -47,7 +47,7 @@ def main() -> None:
     import sparsify
 
     import g3n_probe as g3n
-    from g3n_probe.synthetic import build_tokenizer, random_model
+    from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
 
     device = torch.device(args.device)
     preset = args.preset or ("e2b" if device.type == "cuda" else "mid")

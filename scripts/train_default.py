@@ -56,7 +56,7 @@ def train_tokenizer(files: list[Path]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from g3n_probe.synthetic import _CHAT_TEMPLATE
+    from g3n_probe.checkpoint.synthetic import _CHAT_TEMPLATE
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
     specials += [f"<unused{i}>" for i in range(105 - len(specials))] + ["<start_of_turn>", "<end_of_turn>"]
@@ -83,7 +83,7 @@ def train_tokenizer(files: list[Path]):
 def model_config():
     from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
 
-    from g3n_probe.synthetic import _vocab_layout
+    from g3n_probe.checkpoint.synthetic import _vocab_layout
 
     ids = _vocab_layout(text_vocab=TEXT_VOCAB, soft_vocab=SOFT_VOCAB)
     text = Gemma3nTextConfig(
@@ -220,7 +220,7 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import Gemma3nForConditionalGeneration
 
-    from g3n_probe.towers import tower_stubs
+    from g3n_probe.checkpoint.towers import tower_stubs
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)

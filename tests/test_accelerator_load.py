@@ -14,10 +14,11 @@ import threading
 import pytest
 import torch
 
-from g3n_probe import arch, ple
-from g3n_probe.checkpoint import DTYPE_BYTES, keys_read, read_config, tensor_offsets, weight_map
+from g3n_probe.checkpoint import module_tree
+from g3n_probe.checkpoint import ple
+from g3n_probe.checkpoint.reading import DTYPE_BYTES, keys_read, read_config, tensor_offsets, weight_map
 from g3n_probe.loading import load_text_model
-from g3n_probe.staging import Staging, swap_in
+from g3n_probe.checkpoint.staging import Staging, swap_in
 
 TABLE_KEY = "model.language_model.embed_tokens_per_layer.weight"
 IDS = torch.tensor([[2, 17, 5, 9, 11, 40, 3], [2, 8, 8, 30, 12, 7, 1]])
@@ -69,7 +70,7 @@ def test_every_tensor_but_the_table_crosses_the_staging_buffers_once(tiny_dir):
     assert sorted(staging.allocated) == sorted(tuple(entries[k][1]) for k in read)
     assert max(staging.uploaded) <= 64 * 1024, "no crossing is larger than one staging buffer"
     assert staging.most_in_use <= 2
-    table = arch.per_layer_table(model)
+    table = module_tree.per_layer_table(model)
     assert tuple(table.weight.shape) not in staging.allocated, "the table never went to the device"
     assert table.weight.is_contiguous() and ple.is_host_resident(table)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from g3n_probe.gpu_check import check_markdown, check_targets
+from g3n_probe.cli.gpu_check import check_markdown, check_targets
 from g3n_probe.cli import main
 
 GIB = 1024**3
@@ -60,7 +60,7 @@ def test_the_check_runs_end_to_end_on_cpu(tmp_path, capsys):
 def test_the_docs_list_every_target():
     from pathlib import Path
 
-    from g3n_probe.gpu_check import TARGETS, targets_markdown
+    from g3n_probe.cli.gpu_check import TARGETS, targets_markdown
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "guides" / "performance.md").read_text()
     block = page.split("<!-- gpu-targets:start -->\n", 1)[1].split("\n<!-- gpu-targets:end -->", 1)[0]

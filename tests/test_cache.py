@@ -80,7 +80,7 @@ def test_cache_dataset_and_resume(probe, tmp_path, monkeypatch):
 
     paths[1].unlink()  # an interrupted run: one shard missing
     calls = []
-    from g3n_probe import dataset as cache_module
+    from g3n_probe.activations import writer as cache_module
 
     real = cache_module.collect
     monkeypatch.setattr(cache_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -136,7 +136,7 @@ def _run(model, out, texts=TEXTS, **kwargs):
 def test_weights_digest_sees_one_changed_weight(probe):
     import copy
 
-    from g3n_probe.dataset import weights_digest
+    from g3n_probe.activations.writer import weights_digest
 
     module = probe._module
     clone = copy.deepcopy(module)
@@ -217,7 +217,7 @@ def test_bad_arguments_fail_before_any_file_is_written(probe, tmp_path, texts, b
 
 
 def test_a_run_failing_before_its_first_shard_leaves_the_directory_as_found(probe, tmp_path, monkeypatch):
-    from g3n_probe import dataset as cache_module
+    from g3n_probe.activations import writer as cache_module
 
     out = tmp_path / "acts"
     out.mkdir()
@@ -269,7 +269,7 @@ def test_positions_that_are_padding_in_some_row_warn(probe):
 def test_weights_digest_is_sha256_of_every_byte_in_any_layout():
     import hashlib
 
-    from g3n_probe.dataset import weights_digest
+    from g3n_probe.activations.writer import weights_digest
 
     values = torch.arange(6, dtype=torch.float32).reshape(2, 3) - 2.5
     contiguous, strided = torch.nn.Module(), torch.nn.Module()
@@ -290,7 +290,7 @@ def test_accelerator_tensors_stream_through_two_bounded_host_buffers():
     host pieces: the buffers alternate, stay at their bound, and the bytes hashed are every byte in order."""
     import hashlib
 
-    from g3n_probe.dataset import _byte_pieces, _HostStaging
+    from g3n_probe.activations.writer import _byte_pieces, _HostStaging
 
     values = torch.randn(7, 13, generator=torch.Generator().manual_seed(0)).t()  # non-contiguous, 364 bytes
     staging, digest = _HostStaging(piece_bytes=24), hashlib.sha256()
@@ -311,7 +311,7 @@ def _flip_two_signs(module):
 
 
 def test_weights_digest_sees_two_flipped_signs(probe, tiny_dir, tmp_path):
-    from g3n_probe.dataset import weights_digest
+    from g3n_probe.activations.writer import weights_digest
 
     other = g3n.load(tiny_dir)
     assert weights_digest(other.hf_model) == weights_digest(probe.hf_model)
@@ -324,7 +324,7 @@ def test_weights_digest_sees_two_flipped_signs(probe, tiny_dir, tmp_path):
 
 
 def test_the_attention_implementation_is_part_of_the_identity(probe, probe_eager, tmp_path):
-    from g3n_probe.dataset import run_identity
+    from g3n_probe.activations.writer import run_identity
 
     mine, eager = (run_identity(m, TEXTS, ["layers.1.ple_out"], 3, None, torch.float32) for m in (probe, probe_eager))
     assert (mine["attention"], eager["attention"]) == ("sdpa", "eager")
@@ -340,7 +340,7 @@ def _contents(out):
 
 
 def test_shards_without_a_manifest_are_never_adopted(probe, tiny_dir, tmp_path, monkeypatch):
-    from g3n_probe import dataset as cache_module
+    from g3n_probe.activations import writer as cache_module
 
     out = tmp_path / "acts"
     paths = _run(probe, out)

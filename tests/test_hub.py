@@ -21,9 +21,12 @@ import torch
 from hubserver import FakeHub
 
 import g3n_probe as g3n
-from g3n_probe import hub, hub_files, hub_http, synthetic
+from g3n_probe.hub import fetching
+from g3n_probe.hub import cache_layout
+from g3n_probe.hub import http as hub_http
+from g3n_probe.checkpoint import synthetic
 from g3n_probe.cli import main as cli
-from g3n_probe.checkpoint import CheckpointError, is_text_key, keys_read, read_config
+from g3n_probe.checkpoint.reading import CheckpointError, is_text_key, keys_read, read_config
 
 REPO = "g3n-test/tiny-gemma-3n"
 IDS = torch.tensor([[2, 17, 5, 9, 11, 40, 3]])
@@ -125,17 +128,17 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
 def test_second_load_uses_the_cache_with_one_small_request(server):
     g3n.load(REPO)
     before = len(server.log)
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     assert report.cached and report.bytes_fetched == 0
     assert len(server.log) == before, "no file is read again (only the model-info request)"
 
 
 def test_a_cut_connection_resumes_where_it_stopped_in_the_same_call(server, mixed):
-    whole = hub.fetch(REPO, cache_dir=Path(server.repos[REPO].directory).parent / "reference", progress=False)
+    whole = fetching.fetch(REPO, cache_dir=Path(server.repos[REPO].directory).parent / "reference", progress=False)
     shard = whole.files_whole[0]
     server.log.clear()
     server.cuts[shard] = [100_000]
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     spans = server.served(REPO, shard)
     assert spans[0][0] == 0 and spans[1][0] == 100_000, spans
     assert report.bytes_fetched == whole.bytes_fetched, "every byte arrived once"
@@ -146,13 +149,13 @@ def test_an_interrupted_fetch_is_never_loaded_and_the_next_call_resumes(server, 
     monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     ranged = "model-00001-of-00005.safetensors"
     server.cuts[ranged] = [50_000] * 3 + [0] * hub_http.ATTEMPTS   # progress, then a dead connection
-    with pytest.raises(hub.FetchError, match="run again to resume"):
-        hub.fetch(REPO, progress=False)
-    assert hub.cached_checkpoint(REPO) is None
+    with pytest.raises(fetching.FetchError, match="run again to resume"):
+        fetching.fetch(REPO, progress=False)
+    assert fetching.cached_checkpoint(REPO) is None
     with pytest.raises(FileNotFoundError, match="download=False"):
         g3n.load(REPO, download=False)
     served_before = len(server.served(REPO, ranged))
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     assert report.resumed_from >= 150_000
     first_piece = server.served(REPO, ranged)[2][0]   # after the two header reads
     resumed = server.served(REPO, ranged)[served_before:][-1][0]
@@ -169,11 +172,11 @@ def test_offline_uses_only_the_cache_and_says_where_it_looked(server, monkeypatc
     assert str(tmp_path / "g3n-cache" / "hub") in message and str(tmp_path / "hf-cache") in message
     assert server.log == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    hub.fetch(REPO, progress=False)
+    fetching.fetch(REPO, progress=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     requests = len(server.log)
     for options in ({}, {"local_files_only": True}, {"download": False, "revision": "main"}):
-        assert g3n.load(REPO, **options).load_report.source == hub.cached_checkpoint(REPO)
+        assert g3n.load(REPO, **options).load_report.source == fetching.cached_checkpoint(REPO)
     assert len(server.log) == requests
 
 
@@ -191,18 +194,18 @@ def test_a_full_snapshot_in_the_hugging_face_cache_is_used_without_the_network(s
 
 def test_gated_repository_without_access_says_how_to_get_it(server, monkeypatch):
     server.repos[REPO].token = "hf_secret"
-    with pytest.raises(hub.HubAccessError) as error:
+    with pytest.raises(fetching.HubAccessError) as error:
         g3n.load(REPO)
     message = str(error.value)
     assert "gated" in message and "401" in message and "license" in message and "HF_TOKEN" in message
-    with pytest.raises(hub.HubAccessError, match="403"):
+    with pytest.raises(fetching.HubAccessError, match="403"):
         g3n.load(REPO, token="hf_someone_else")
     assert server.log == [], "not a byte served"
-    assert not (hub.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial").exists() or \
-        not any((hub.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial").iterdir())
+    assert not (fetching.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial").exists() or \
+        not any((fetching.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial").iterdir())
     assert g3n.load(REPO, token="hf_secret").tokenizer is not None
     assert not server.cdn_saw_authorization, "the token never goes to the CDN the hub redirects to"
-    shutil.rmtree(hub.cache_root())
+    shutil.rmtree(fetching.cache_root())
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert g3n.load(REPO).tokenizer is not None
 
@@ -229,7 +232,7 @@ def test_bad_names_are_refused_before_any_request(server, source, options, match
 
 def test_a_pinned_commit_is_fetched_and_found_offline(server, monkeypatch):
     commit = server.repos[REPO].commit
-    assert hub.fetch(REPO, commit, progress=False).commit == commit
+    assert fetching.fetch(REPO, commit, progress=False).commit == commit
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert g3n.load(REPO, revision=commit).load_report.source.name == commit
 
@@ -259,8 +262,8 @@ def test_pickle_only_repository_is_refused_without_a_download(server, tmp_path, 
 
 def test_a_server_that_ignores_ranges_is_named(server):
     server.ignore_ranges = True
-    with pytest.raises(hub.FetchError, match="not 206"):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.FetchError, match="not 206"):
+        fetching.fetch(REPO, progress=False)
 
 
 def test_single_file_checkpoint_is_fetched_as_text_ranges(server, tmp_path, mixed):
@@ -272,7 +275,7 @@ def test_single_file_checkpoint_is_fetched_as_text_ranges(server, tmp_path, mixe
         shutil.copy(mixed / name, single)
     save_file(_tensors(mixed), single / "model.safetensors", metadata={"format": "pt"})
     server.add("g3n-test/single", single)
-    report = hub.fetch("g3n-test/single", progress=False)
+    report = fetching.fetch("g3n-test/single", progress=False)
     assert report.files_ranged == ["model.safetensors"]
     towers = {k for k in _tensors(single) if not is_text_key(k)}
     assert towers and not towers & set(_tensors(report.path))
@@ -291,11 +294,11 @@ def test_cli_fetch_prints_bytes_against_the_full_snapshot(server, capsys):
 def test_network_down_falls_back_to_the_cache_with_a_warning(server, monkeypatch):
     from huggingface_hub import constants
 
-    hub.fetch(REPO, progress=False)
+    fetching.fetch(REPO, progress=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")   # nothing listens there
     monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     with pytest.warns(UserWarning, match="using the cached text-only checkpoint"):
-        assert g3n.load(REPO).load_report.source == hub.cached_checkpoint(REPO)
+        assert g3n.load(REPO).load_report.source == fetching.cached_checkpoint(REPO)
 
 
 def test_a_stalled_connection_times_out_and_resumes(server, monkeypatch, mixed):
@@ -305,7 +308,7 @@ def test_a_stalled_connection_times_out_and_resumes(server, monkeypatch, mixed):
     monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     shard = "model-00002-of-00005.safetensors"   # text only: fetched whole
     server.stalls[shard] = [100_000]
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     assert [start for start, _ in server.served(REPO, shard)] == [0, 100_000]
     assert (report.path / shard).read_bytes() == (mixed / shard).read_bytes()
 
@@ -314,15 +317,15 @@ def test_busy_server_is_waited_for_as_it_asks(server, monkeypatch):
     waits = []
     monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     server.busy = 2
-    hub.fetch(REPO, progress=False)
+    fetching.fetch(REPO, progress=False)
     assert waits == [1.0, 1.0], "Retry-After is honoured"
 
 
 def test_a_new_commit_reuses_unchanged_shards(server, mixed):
-    first = hub.fetch(REPO, progress=False)
+    first = fetching.fetch(REPO, progress=False)
     served = len(server.log)
     server.add(REPO, mixed)   # a new commit, same files (say, a model-card edit)
-    second = hub.fetch(REPO, progress=False)
+    second = fetching.fetch(REPO, progress=False)
     assert second.commit != first.commit
     assert sorted(second.files_reused) == sorted(first.files_whole + first.files_ranged)
     shards = [entry for entry in server.log[served:] if entry[1].endswith(".safetensors")]
@@ -340,8 +343,8 @@ def test_a_shard_that_arrives_corrupt_is_not_kept(server, tmp_path, mixed):
     shard.write_bytes(bytes(raw))
     server.add("g3n-test/bad", bad)
     with pytest.raises(CheckpointError, match="arrived complete but is not a valid safetensors file"):
-        hub.fetch("g3n-test/bad", progress=False)
-    assert not list(hub.cache_root().glob("models--g3n-test--bad/partial/*/*.incomplete"))
+        fetching.fetch("g3n-test/bad", progress=False)
+    assert not list(fetching.cache_root().glob("models--g3n-test--bad/partial/*/*.incomplete"))
 
 
 def test_info_and_points_fetch_only_the_config(server, capsys):
@@ -371,7 +374,7 @@ RANGED = "model-00001-of-00005.safetensors"   # text and towers: fetched as byte
 
 
 def _partial(commit: str) -> Path:
-    return hub.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial" / commit
+    return fetching.cache_root() / f"models--{REPO.replace('/', '--')}" / "partial" / commit
 
 
 def _same_tensors(fetched: Path, original: Path) -> bool:
@@ -397,25 +400,25 @@ def _with_header(source: Path, target: Path, shard: str, edit) -> Path:
 @pytest.mark.parametrize(("name", "offset", "what"), [(WHOLE, 300_000, "sha256"), ("tokenizer.json", 1000, "git blob id")])
 def test_a_changed_byte_at_the_same_size_is_caught_and_refetched(server, mixed, name, offset, what):
     server.flips[name] = offset
-    with pytest.raises(hub.ContentError, match=f"{name}: the bytes that arrived") as error:
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.ContentError, match=f"{name}: the bytes that arrived") as error:
+        fetching.fetch(REPO, progress=False)
     assert what in str(error.value) and "next call fetches" in str(error.value)
     partial = _partial(server.repos[REPO].commit)
     assert not (partial / name).exists() and not (partial / (name + ".incomplete")).exists()
-    assert hub.cached_checkpoint(REPO) is None
+    assert fetching.cached_checkpoint(REPO) is None
     server.flips.clear()
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     assert (report.path / name).read_bytes() == (mixed / name).read_bytes()
 
 
 def test_another_models_bytes_under_the_listed_commit_are_refused(server, mixed, other):
     server.repos[REPO].serve = other   # the listing still describes `mixed`
-    with pytest.raises(hub.ContentError, match="not the file the listing names"):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.ContentError, match="not the file the listing names"):
+        fetching.fetch(REPO, progress=False)
     partial = _partial(server.repos[REPO].commit)
     assert not (partial / RANGED).exists(), "a shard rebuilt from the same server's ranges is not trusted either"
     server.repos[REPO].serve = None
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     for shard in (WHOLE, RANGED):
         assert _same_tensors(report.path / shard, mixed / shard)
 
@@ -426,16 +429,16 @@ def test_a_ranged_answer_from_a_file_of_another_size_is_refused(server, mixed, t
     with open(longer / RANGED, "ab") as f:   # the same header and tensors, then more: Content-Range says so
         f.write(bytes(1000))
     server.repos[REPO].serve = longer
-    with pytest.raises(hub.FetchError, match=f"{RANGED}: the hub lists .* bytes, the server answered from a file of"):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.FetchError, match=f"{RANGED}: the hub lists .* bytes, the server answered from a file of"):
+        fetching.fetch(REPO, progress=False)
 
 
 @pytest.mark.parametrize("shard", [WHOLE, RANGED])
 def test_a_flipped_bit_in_a_leftover_incomplete_file_is_not_resumed_from(server, mixed, monkeypatch, shard):
     monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     server.cuts[shard] = [100_000] + [0] * hub_http.ATTEMPTS
-    with pytest.raises(hub.FetchError, match="run again to resume"):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.FetchError, match="run again to resume"):
+        fetching.fetch(REPO, progress=False)
     leftover = _partial(server.repos[REPO].commit) / (shard + ".incomplete")
     with open(leftover, "r+b") as f:   # one bit, in bytes the journal vouches for
         f.seek(60_000)
@@ -443,29 +446,29 @@ def test_a_flipped_bit_in_a_leftover_incomplete_file_is_not_resumed_from(server,
         f.seek(60_000)
         f.write(bytes([byte ^ 0x10]))
     with pytest.warns(UserWarning, match="differ from what was fetched into it"):
-        report = hub.fetch(REPO, progress=False)
+        report = fetching.fetch(REPO, progress=False)
     assert _same_tensors(report.path / shard, mixed / shard)
 
 
 def test_a_flipped_bit_in_an_unjournalled_leftover_is_caught_by_the_listed_hash(server, mixed, monkeypatch):
     monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     server.cuts[WHOLE] = [100_000] + [0] * hub_http.ATTEMPTS
-    with pytest.raises(hub.FetchError):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.FetchError):
+        fetching.fetch(REPO, progress=False)
     leftover = _partial(server.repos[REPO].commit) / (WHOLE + ".incomplete")
     (leftover.parent / (leftover.name + ".sha256")).unlink()   # say, written by a process killed at once
     raw = bytearray(leftover.read_bytes())
     raw[60_000] ^= 0x10
     leftover.write_bytes(bytes(raw))
-    with pytest.raises(hub.ContentError, match=f"{WHOLE}: the bytes that arrived hash to sha256"):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.ContentError, match=f"{WHOLE}: the bytes that arrived hash to sha256"):
+        fetching.fetch(REPO, progress=False)
     assert not leftover.exists()
-    assert (hub.fetch(REPO, progress=False).path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
+    assert (fetching.fetch(REPO, progress=False).path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_file_of_an_earlier_snapshot_is_not_reused(server, mixed, damage):
-    first = hub.fetch(REPO, progress=False)
+    first = fetching.fetch(REPO, progress=False)
     old = first.path / WHOLE
     raw = bytearray(old.read_bytes())
     if damage == "flip":
@@ -475,7 +478,7 @@ def test_a_damaged_file_of_an_earlier_snapshot_is_not_reused(server, mixed, dama
         f.truncate()
     server.add(REPO, mixed)   # a new commit, same files
     with pytest.warns(UserWarning, match="damaged, so it is fetched instead of used"):
-        second = hub.fetch(REPO, progress=False)
+        second = fetching.fetch(REPO, progress=False)
     assert WHOLE not in second.files_reused and RANGED in second.files_reused
     assert (second.path / WHOLE).stat().st_ino != old.stat().st_ino
     assert (second.path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
@@ -497,7 +500,7 @@ def test_overlapping_tensors_in_a_remote_header_are_refused_as_the_loader_refuse
         g3n.load(bad)   # safetensors refuses it on open
     server.add("g3n-test/overlap", bad)
     with pytest.raises(CheckpointError, match="share bytes"):
-        hub.fetch("g3n-test/overlap", progress=False)
+        fetching.fetch("g3n-test/overlap", progress=False)
     assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
 
 
@@ -522,7 +525,7 @@ def test_a_malformed_header_entry_is_refused_before_its_ranges_and_not_called_tr
         g3n.load(bad)
     server.add("g3n-test/malformed", bad)
     with pytest.raises(CheckpointError, match=RANGED) as error:
-        hub.fetch("g3n-test/malformed", progress=False)
+        fetching.fetch("g3n-test/malformed", progress=False)
     assert "again" not in str(error.value), "not transient: another run repeats it"
     assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
 
@@ -537,7 +540,7 @@ def test_an_index_naming_a_shard_by_something_not_a_file_name_is_refused(server,
     (odd / "model.safetensors.index.json").write_text(json.dumps(index))
     server.add("g3n-test/odd", odd)
     with pytest.raises(CheckpointError, match="not a valid safetensors index: weight_map names a shard"):
-        hub.fetch("g3n-test/odd", progress=False)
+        fetching.fetch("g3n-test/odd", progress=False)
     assert all(end - start < 64 * 1024 for _, _, start, end in server.log), "no tensor byte was fetched"
 
 
@@ -550,7 +553,7 @@ def test_a_mixed_shard_named_like_a_tokenizer_file_is_planned_by_its_content(ser
     index["weight_map"] = {k: name if f == RANGED else f for k, f in index["weight_map"].items()}
     (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
     server.add("g3n-test/renamed", renamed)
-    report = hub.fetch("g3n-test/renamed", progress=False)
+    report = fetching.fetch("g3n-test/renamed", progress=False)
     assert name in report.files_ranged
     size = (renamed / name).stat().st_size
     assert (0, size) not in server.served("g3n-test/renamed", name), "never fetched whole, tower bytes included"
@@ -562,9 +565,9 @@ def test_a_mixed_shard_named_like_a_tokenizer_file_is_planned_by_its_content(ser
 def _plant(where: str, server, mixed, tmp_path) -> tuple[Path, Path]:
     """A symbolic link at ``where`` in the cache; (the link, what it points at)."""
     commit = server.repos[REPO].commit
-    repo = hub.cache_root() / f"models--{REPO.replace('/', '--')}"
+    repo = fetching.cache_root() / f"models--{REPO.replace('/', '--')}"
     if where in ("file in snapshot", "ref"):
-        hub.fetch(REPO, progress=False)
+        fetching.fetch(REPO, progress=False)
     if where == "incomplete":
         target, link = tmp_path / "precious.txt", repo / "partial" / commit / (WHOLE + ".incomplete")
         target.write_text("a user's file " * 1000)
@@ -591,18 +594,18 @@ def _plant(where: str, server, mixed, tmp_path) -> tuple[Path, Path]:
 def test_a_symbolic_link_planted_in_the_cache_is_refused_and_never_followed(server, mixed, tmp_path, where):
     link, target = _plant(where, server, mixed, tmp_path)
     before = target.read_bytes() if target.is_file() else sorted(p.name for p in target.iterdir())
-    with pytest.raises(hub.CacheLinkError, match=re.escape(str(link))):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.CacheLinkError, match=re.escape(str(link))):
+        fetching.fetch(REPO, progress=False)
     if where not in ("incomplete", "partial"):   # a snapshot is cached (or looks it): never loaded, even offline
         revision = server.repos[REPO].commit if where == "snapshot" else None
-        with pytest.raises(hub.CacheLinkError, match=re.escape(str(link))):
+        with pytest.raises(fetching.CacheLinkError, match=re.escape(str(link))):
             g3n.load(REPO, revision=revision, download=False)
     after = target.read_bytes() if target.is_file() else sorted(p.name for p in target.iterdir())
     assert after == before, "nothing was written through the link"
     link.unlink()
     with warnings.catch_warnings(record=True) as caught:   # once the link is gone, the fetch works (and repairs)
         warnings.simplefilter("always")
-        assert hub.fetch(REPO, progress=False).path.name == server.repos[REPO].commit
+        assert fetching.fetch(REPO, progress=False).path.name == server.repos[REPO].commit
     assert all("repairing" in str(w.message) for w in caught) and (where == "file in snapshot") == bool(caught)
 
 
@@ -611,7 +614,7 @@ def test_a_dangling_link_in_the_fetchs_own_directory_is_removed(server, mixed):
     link.parent.mkdir(parents=True)
     link.symlink_to(link.parent / "nowhere")
     with pytest.warns(UserWarning, match="dangling symbolic link"):
-        report = hub.fetch(REPO, progress=False)
+        report = fetching.fetch(REPO, progress=False)
     assert (report.path / WHOLE).read_bytes() == (mixed / WHOLE).read_bytes()
 
 
@@ -621,12 +624,12 @@ def test_a_revision_too_long_for_a_file_name_is_refused_before_any_request(serve
     with pytest.raises(ValueError, match="at most 200 fit"):
         g3n.load(REPO, revision="b" * 1000)
     with pytest.raises(ValueError, match="at most 200 fit"):
-        hub.fetch(REPO, "é" * 40, progress=False)   # 40 characters, 240 once quoted
+        fetching.fetch(REPO, "é" * 40, progress=False)   # 40 characters, 240 once quoted
     assert server.requests == []
 
 
 def test_a_complete_snapshot_on_a_read_only_cache_is_used_as_it_is(server, monkeypatch, recwarn):
-    first = hub.fetch(REPO, progress=False)
+    first = fetching.fetch(REPO, progress=False)
     requests = len(server.log)
 
     def read_only(path, *args, **kwargs):
@@ -636,13 +639,13 @@ def test_a_complete_snapshot_on_a_read_only_cache_is_used_as_it_is(server, monke
     monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: read_only(path) if flags & (
         os.O_WRONLY | os.O_RDWR | os.O_CREAT) else real_open(path, flags, *a, **k))
     monkeypatch.setattr(os, "mkdir", read_only)
-    monkeypatch.setattr(hub_files, "atomic_write", read_only)
-    assert hub.locate(REPO, progress=False) == first.path   # online: the listing names the cached commit
+    monkeypatch.setattr(cache_layout, "atomic_write", read_only)
+    assert fetching.locate(REPO, progress=False) == first.path   # online: the listing names the cached commit
     assert not [w for w in recwarn if "could not record" in str(w.message)], "nothing needed writing"
     with pytest.warns(UserWarning, match=r"could not record .*Read-only file system"):
-        assert hub.fetch(REPO, first.commit, progress=False).cached   # refs/<commit> is new, and cannot be written
+        assert fetching.fetch(REPO, first.commit, progress=False).cached   # refs/<commit> is new, and cannot be written
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.locate(REPO) == first.path
+    assert fetching.locate(REPO) == first.path
     assert len(server.log) == requests
 
 
@@ -650,14 +653,14 @@ def test_a_complete_snapshot_on_a_read_only_cache_is_used_as_it_is(server, monke
 def test_a_listing_without_sizes_fetches_small_files_and_names_a_shard_it_cannot_plan(server, mixed, size):
     small = [p.name for p in mixed.iterdir() if not p.name.endswith(".safetensors")]
     server.sizes = {name: size for name in small}
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     for name in small:
         if name != "model.safetensors.index.json":   # rewritten: it lists the text tensors only
             assert (report.path / name).read_bytes() == (mixed / name).read_bytes()
     server.sizes = {p.name: size for p in mixed.iterdir()}
     server.add(REPO, mixed)
     with pytest.raises(CheckpointError, match=f"lists {RANGED} with no size") as error:
-        hub.fetch(REPO, progress=False)
+        fetching.fetch(REPO, progress=False)
     assert "valid JSON" not in str(error.value)
 
 
@@ -683,12 +686,12 @@ def test_a_full_disk_is_named_with_its_path_and_the_fetch_resumes_later(server, 
         return Full(file) if os.readlink(f"/proc/self/fd/{fd}").endswith(".incomplete") else file
 
     monkeypatch.setattr(os, "fdopen", fdopen)
-    with pytest.raises(hub.DiskFullError, match=r"no space left on device writing .*\.incomplete") as error:
-        hub.fetch(REPO, progress=False)
-    assert error.value.errno == errno.ENOSPC and isinstance(error.value, hub.FetchError)
+    with pytest.raises(fetching.DiskFullError, match=r"no space left on device writing .*\.incomplete") as error:
+        fetching.fetch(REPO, progress=False)
+    assert error.value.errno == errno.ENOSPC and isinstance(error.value, fetching.FetchError)
     assert str(_partial(server.repos[REPO].commit)) in str(error.value)
     monkeypatch.setattr(os, "fdopen", real_fdopen)
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     assert report.resumed_from > 0
     assert _same_tensors(report.path / RANGED, mixed / RANGED)
 
@@ -697,11 +700,11 @@ def test_a_busy_or_failing_hub_is_asked_again_for_the_file_list(server, monkeypa
     waits = []
     monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     server.info_errors = [429, 500]
-    assert hub.fetch(REPO, progress=False).commit == server.repos[REPO].commit
+    assert fetching.fetch(REPO, progress=False).commit == server.repos[REPO].commit
     assert waits == [1.0, 1.0], "Retry-After is honoured on the model-info request too"
     server.info_errors = [503] * hub_http.ATTEMPTS
-    with pytest.raises(hub.FetchError, match="did not list the files"):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.FetchError, match="did not list the files"):
+        fetching.fetch(REPO, progress=False)
 
 
 # --- lost work ---------------------------------------------------------------------------------------
@@ -710,13 +713,13 @@ def test_an_interrupted_fetch_is_reused_when_the_hub_moves_to_a_commit_with_the_
     monkeypatch.setattr(hub_http.time, "sleep", lambda s: None)
     late = "model-00003-of-00005.safetensors"   # planned last
     server.cuts[late] = [20_000] + [0] * hub_http.ATTEMPTS
-    with pytest.raises(hub.FetchError):
-        hub.fetch(REPO, progress=False)
+    with pytest.raises(fetching.FetchError):
+        fetching.fetch(REPO, progress=False)
     old = _partial(server.repos[REPO].commit)
     assert (old / WHOLE).exists() and (old / RANGED).exists() and (old / (late + ".incomplete")).exists()
     served = len(server.log)
     server.add(REPO, mixed)   # the hub moves on: same files, new commit
-    report = hub.fetch(REPO, progress=False)
+    report = fetching.fetch(REPO, progress=False)
     assert sorted(report.files_reused) == [RANGED, WHOLE]
     assert report.resumed_from >= 20_000, "the shard in progress continues where it stopped"
     again = [(name, start, end) for _, name, start, end in server.log[served:] if name.endswith(".safetensors")]
@@ -726,25 +729,25 @@ def test_an_interrupted_fetch_is_reused_when_the_hub_moves_to_a_commit_with_the_
 
 
 def test_a_damaged_snapshot_is_named_and_the_next_fetch_repairs_only_what_is_damaged(server, mixed):
-    first = hub.fetch(REPO, progress=False)
-    assert hub.verify(first.path) == []
+    first = fetching.fetch(REPO, progress=False)
+    assert fetching.verify(first.path) == []
     with open(first.path / WHOLE, "r+b") as f:   # one bit: only a full re-check sees it
         f.seek(300_000)
         byte = f.read(1)[0]
         f.seek(300_000)
         f.write(bytes([byte ^ 0x01]))
-    assert hub.verify(first.path) == [f"{first.path / WHOLE} does not hash to the sha256 recorded when it was fetched"]
+    assert fetching.verify(first.path) == [f"{first.path / WHOLE} does not hash to the sha256 recorded when it was fetched"]
     with open(first.path / RANGED, "r+b") as f:   # a resize: every use sees it (one stat per file)
         f.truncate(1000)
     with pytest.warns(UserWarning, match=f"{RANGED} is 1000 bytes.*damaged and not used"):
-        assert hub.cached_checkpoint(REPO) is None
+        assert fetching.cached_checkpoint(REPO) is None
     served = len(server.log)
     with pytest.warns(UserWarning) as caught:
-        report = hub.fetch(REPO, progress=False)
+        report = fetching.fetch(REPO, progress=False)
     assert "repairing" in str(caught[0].message)
     assert {str(w.message).split(":")[0].split(" ")[0] for w in caught[1:]} == {
         str(report.path.parent.parent / "partial" / report.commit / name) for name in (WHOLE, RANGED)}
     refetched = {name for _, name, start, end in server.log[served:] if end - start > 64 * 1024}   # not headers
     assert refetched == {WHOLE, RANGED}
-    assert hub.verify(report.path) == [] and report.path == first.path
+    assert fetching.verify(report.path) == [] and report.path == first.path
     assert _same_tensors(report.path / WHOLE, mixed / WHOLE) and _same_tensors(report.path / RANGED, mixed / RANGED)

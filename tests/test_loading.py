@@ -27,7 +27,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_stock_class_text_only(probe):
     from transformers import Gemma3nForConditionalGeneration
 
-    from g3n_probe.towers import TowerStub
+    from g3n_probe.checkpoint.towers import TowerStub
 
     module = probe._module
     assert type(module) is Gemma3nForConditionalGeneration
@@ -162,8 +162,8 @@ def test_tower_stub_keeps_config_and_locations(probe, tiny_dir):
 def test_stubs_work_for_positional_and_keyword_config():
     from transformers.models.gemma3n import modeling_gemma3n
 
-    from g3n_probe.synthetic import preset_config
-    from g3n_probe.towers import TowerStub, tower_stubs
+    from g3n_probe.checkpoint.synthetic import preset_config
+    from g3n_probe.checkpoint.towers import TowerStub, tower_stubs
 
     config = preset_config("tiny")
     with tower_stubs():

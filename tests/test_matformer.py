@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import g3n_probe as g3n
-from g3n_probe.matformer import submodel_config
-from g3n_probe.synthetic import preset_config
+from g3n_probe.analysis.matformer import submodel_config
+from g3n_probe.checkpoint.synthetic import preset_config
 
 
 def e4b_like():

@@ -219,7 +219,7 @@ def test_position_groups_are_patched_together(probe, stock):
 
 def test_skipping_the_prefix_changes_only_rounding_even_past_kv_store_layers(probe):
     """Layers 4 and 5 reuse the keys and values of store layers 2 and 3, which run while 0 and 1 are skipped."""
-    from g3n_probe.patching import patched_metric, prefix_needs
+    from g3n_probe.analysis.patching import patched_metric, prefix_needs
 
     names = ["resid_mid"]
     source = probe.cache(CLEAN, names, layers=[4, 5], verbose=False)
@@ -303,7 +303,7 @@ BAD_METRICS = {
 
 @pytest.mark.parametrize("kind", sorted(BAD_METRICS))
 def test_sweep_refuses_a_metric_that_is_not_one_value_per_row_before_any_chunk(probe, monkeypatch, kind):
-    from g3n_probe import patching
+    from g3n_probe.analysis import patching
 
     bad, error = BAD_METRICS[kind]
     chunks = []
@@ -325,7 +325,7 @@ def test_attribution_refuses_a_metric_that_is_not_one_value_per_row(probe, kind)
 
 def test_each_chunk_result_is_checked_too(probe):
     """A metric that gives one value per row on one or two rows but not on more is caught at its chunk."""
-    from g3n_probe.patching import patched_metric
+    from g3n_probe.analysis.patching import patched_metric
 
     def first_two(logits):
         return metric(logits)[:2]
@@ -483,7 +483,7 @@ def test_one_head_of_each_or_all_streams_together_is_the_whole_patch(probe):
 
 
 def test_patching_a_layers_input_skips_only_the_layers_before_it(probe):
-    from g3n_probe.patching import _skipped, prefix_needs
+    from g3n_probe.analysis.patching import _skipped, prefix_needs
 
     assert _skipped(probe, [(0, "input", 1, None)]) == []
     assert _skipped(probe, [(4, "input", 1, None)]) == [0, 1]  # 2 and 3 are KV store layers: they run
@@ -780,7 +780,7 @@ def test_token_reuse_skips_store_layers_and_leaves_no_hook_behind(probe, stock):
     """A chunk whose first patch is at layer 4 skips layers 0-3, the store layers 2 and 3 included: a hook hands
     the reuse layers the target's keys and values instead, and is gone after the forward. (Layers 4 and 5 read
     keys and values made at layers 2 and 3, so a patch there reaches no other position: only the last counts.)"""
-    from g3n_probe.patching import _skipped, layers_run, prefix_needs
+    from g3n_probe.analysis.patching import _skipped, layers_run, prefix_needs
 
     variants = [(5, "resid_mid", 9, None), (4, "resid_mid", 12, None)]
     assert _skipped(probe, variants) == [0, 1] and _skipped(probe, variants, keep_stores=False) == [0, 1, 2, 3]
@@ -801,17 +801,17 @@ def test_with_the_last_logit_kept_reuse_layers_run_their_last_positions_and_unse
     reaches no other. A patch there before the last position changes no kept logit: its entry is the baseline,
     bit for bit what the stock forward gives, and no forward runs for it. Chunks from earlier layers run layers
     4 and 5 at their last position (a chunk from position 0 included, where sdpa had no mask to cut)."""
-    from g3n_probe import patching_cache
+    from g3n_probe.analysis import prefix_reuse
 
-    assert patching_cache.trailing_reuse(probe) == 4
-    assert patching_cache.tail(probe, 0, 0, LONG, 1, rows=4) == (4, 1)
-    assert patching_cache.tail(probe, 0, 0, LONG, 1, rows=2) == (4, 4)     # a product of 4 rows at least
-    assert patching_cache.tail(probe, 3, 5, LONG, 6, rows=4) == (4, 6)
+    assert prefix_reuse.trailing_reuse(probe) == 4
+    assert prefix_reuse.tail(probe, 0, 0, LONG, 1, rows=4) == (4, 1)
+    assert prefix_reuse.tail(probe, 0, 0, LONG, 1, rows=2) == (4, 4)     # a product of 4 rows at least
+    assert prefix_reuse.tail(probe, 3, 5, LONG, 6, rows=4) == (4, 6)
     for args in ((0, 0, LONG, 0), (4, 0, LONG, 1), (0, 13, LONG, 1), (0, 0, LONG, [-1])):
-        assert patching_cache.tail(probe, *args, rows=8) is None
+        assert prefix_reuse.tail(probe, *args, rows=8) is None
     cuts = []
-    real = patching_cache.keep_last_positions
-    monkeypatch.setattr(patching_cache, "keep_last_positions", lambda *a, **k: cuts.append(a[1:]) or real(*a, **k))
+    real = prefix_reuse.keep_last_positions
+    monkeypatch.setattr(prefix_reuse, "keep_last_positions", lambda *a, **k: cuts.append(a[1:]) or real(*a, **k))
     layers, positions = [0, 2, 3, 4, 5], [0, 3, 9, [3, 13], 13]
     result = g3n.patching.sweep(probe, LONG_CLEAN, LONG_CORRUPTED, long_metric, points=["resid_mid", "output"],
                                 layers=layers, positions=positions, chunk=4, logits_to_keep=1)
@@ -841,7 +841,7 @@ def test_token_reuse_falls_back_to_layers_where_it_cannot_run_and_refuses_unknow
 
 
 def test_rows_are_ordered_into_tiles_that_cost_least():
-    from g3n_probe.patching_plan import chunk_work, reuse_order, work_floor
+    from g3n_probe.analysis.patching_plan import chunk_work, reuse_order, work_floor
 
     layers, tokens = 12, 16
     runs = list(range(layers, 0, -1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import g3n_probe as g3n
-from g3n_probe.ple import is_host_resident
+from g3n_probe.checkpoint.ple import is_host_resident
 from reference import capture, edited, stock_forward
 
 
@@ -77,7 +77,7 @@ def test_bad_ple_device(tiny_dir):
 
 
 def test_default_ple_device():
-    from g3n_probe.ple import resolve_ple_device
+    from g3n_probe.checkpoint.ple import resolve_ple_device
 
     assert resolve_ple_device(None, torch.device("cuda")) == torch.device("cpu")
     assert resolve_ple_device(None, torch.device("cpu")) == torch.device("cpu")

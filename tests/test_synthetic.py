@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 import g3n_probe as g3n
-from g3n_probe.synthetic import _checkpoint_shapes, build_tokenizer, preset_config
-from g3n_probe.towers import tower_stubs
+from g3n_probe.checkpoint.synthetic import _checkpoint_shapes, build_tokenizer, preset_config
+from g3n_probe.checkpoint.towers import tower_stubs
 
 
 def test_files_and_index(tiny_dir):
@@ -139,7 +139,7 @@ def test_accelerator_footprint_plan_for_the_real_shapes(preset, limit_gib):
     import torch
 
     from g3n_probe.loading import footprint
-    from g3n_probe.synthetic import preset_config
+    from g3n_probe.checkpoint.synthetic import preset_config
 
     plan = footprint(preset_config(preset), device="cuda", dtype=torch.bfloat16)
     on_gpu = sum(c["bytes"] for c in plan.values() if c["where"] == "accelerator")

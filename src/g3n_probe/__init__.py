@@ -6,21 +6,43 @@
         predicted = model.layers[3].altup_predict.output.save()   # [S,B,T,D]
         model.layers[5].ple_out.output[:] = 0                     # remove layer 5's PLE contribution
         logits = model.logits.output.save()
+
+The package, one folder per concern, each importing only from the ones below it (import-linter's contract in
+pyproject.toml; `│` separates siblings that never import each other):
+
+    cli/                   the ``g3n-probe`` command line, demo, bench, GPU check: presentation only
+    circuits/              attribution graphs over transcoders (above ``sae``: it reads them)
+    analysis/ │ sae/       decompose, patching, matformer, audit │ SAEs, transcoders, the replacement model
+    loading.py             ``g3n.load``: source → checked, text-only, point-injected ``Gemma3nProbe``
+    probe/                 the nnsight model, its envoys, the exact logit lens, TransformerLens conventions
+    activations/           one batch's values, the dataset writer and run identity, ``ActivationDataset``
+    points/ │ hub/         the table of intervention points and injection │ fetching text-only checkpoints
+    checkpoint/            files on disk → a text-only stock model; module-tree facts; synthetic checkpoints
+    _util, _compat         small helpers; the seam holding every private nnsight/torch/transformers name
+
+Public spellings live here (``g3n.load``, ``g3n.hub.fetch``, ``g3n.patching.sweep``, ``g3n.decompose``,
+``g3n.sae.*``, ``g3n.synthetic.*``); module paths from before the folders still import (`_moved`).
 """
 
 from importlib.metadata import version as _version
 
-from . import hub, matformer, patching, sae, synthetic
-from .activations import ActivationCache
-from .audit import AuditReport, audit
-from .checkpoint import CheckpointError
-from .dataset import cache_dataset
-from .decompose import Decomposition, decompose
+from . import _moved, hub, sae
+from .activations import ActivationCache, ActivationDataset, cache_dataset
+from .analysis import audit as _audit_module
+from .analysis import decompose as _decompose_module
+from .analysis import matformer, patching
+from .analysis.audit import AuditReport, audit
+from .analysis.decompose import Decomposition, decompose
+from .checkpoint import CheckpointError, TowerNotLoadedError, synthetic
 from .loading import LoadReport, load
 from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
 from .probe import Gemma3nProbe
-from .reader import ActivationDataset
-from .towers import TowerNotLoadedError
+
+# Module paths from before the folders (README "Architecture"): the public namespaces keep their old import
+# paths (``import g3n_probe.patching``); every other old path still imports, with a DeprecationWarning
+# (and old pickles still load), through `_moved`.
+_moved.alias(__name__, patching=patching, matformer=matformer, synthetic=synthetic,
+             decompose=_decompose_module, audit=_audit_module)
 
 __version__ = _version("g3n_probe")
 

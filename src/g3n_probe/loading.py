@@ -13,7 +13,7 @@ steps of `load_text_model`:
 3. **build**: transformers' ``from_pretrained`` with those tensors, with `towers.tower_stubs` active,
    so no tower parameter exists.
 4. **attach**: the stubs learn where their tensors are, the host table is swapped in and served
-   (`g3n_probe.ple`), the model goes to ``eval()``.
+   (`g3n_probe.checkpoint.ple`), the model goes to ``eval()``.
 
 `load` wraps the result in the nnsight probe. `footprint` says where each component will live,
 without loading anything.
@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from . import arch, hub
+from .checkpoint import module_tree
+from .checkpoint.module_tree import clip_coefficients
+from . import hub
 from ._util import parse_device
-from .audit import clip_coefficients
-from .checkpoint import (
+from .checkpoint.reading import (
     COMPONENTS,
     DTYPE_BYTES,
     FLOAT_STORAGE,
@@ -50,16 +51,16 @@ from .checkpoint import (
     tower_files,
     weight_map,
 )
-from .ple import host_resident, resolve_ple_device
-from .probe import Gemma3nProbe
-from .staging import Staged, Staging, TablePlaceholder, swap_in
-from .synthetic import default_checkpoint
-from .towers import TowerStub, build_text_only, expected_text_shapes, tower_stubs
+from .checkpoint.ple import host_resident, resolve_ple_device
+from .probe.gemma3n_probe import Gemma3nProbe
+from .checkpoint.staging import Staged, Staging, TablePlaceholder, swap_in
+from .checkpoint.synthetic import default_checkpoint
+from .checkpoint.towers import TowerStub, build_text_only, expected_text_shapes, tower_stubs
 
 SUPPORTED_DEVICES = ("cpu", "cuda")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BUNDLED = Path(__file__).parent / "data" / "default"
-_TABLE_KEY = f"{arch.TEXT_MODEL_PATHS['Gemma3nForConditionalGeneration']}.{arch.PER_LAYER_TABLE}.weight"
+_TABLE_KEY = f"{module_tree.TEXT_MODEL_PATHS['Gemma3nForConditionalGeneration']}.{module_tree.PER_LAYER_TABLE}.weight"
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _attach(model: Any, plan: KeyPlan, host_table: torch.Tensor | None, device: 
         if isinstance(stub, TowerStub):
             stub.checkpoint_dir = plan.directory
             stub.tensor_files = files
-    table = arch.per_layer_table(model)
+    table = module_tree.per_layer_table(model)
     if host_table is not None:
         swap_in(table, host_table)
     if serve_table:
@@ -249,7 +250,7 @@ def load_text_model(
     On the host, every tensor is read into storage of its own. On an accelerator, every tensor crosses
     from the file to the device through the bounded buffers of a `Staging`, and the per-layer table (by
     default, ``ple_device`` None) is read into host storage and never copied to the device (see
-    `g3n_probe.ple`). ``staging`` injects the crossing (its ``device`` is the model's), so tests and
+    `g3n_probe.checkpoint.ple`). ``staging`` injects the crossing (its ``device`` is the model's), so tests and
     benchmarks can stand in for an accelerator and record what is copied where.
     """
     directory = resolve_source(source)
@@ -301,7 +302,7 @@ def load(
             see `g3n_probe.hub`); ``None`` loads the bundled default (a small trained Gemma 3n).
         device: ``None`` picks cuda when available, else cpu. dtype: ``None`` picks bfloat16 on cuda, float32 on cpu.
         ple_device: where the per-layer-embedding table lives; ``None``: the host when the model is on an
-            accelerator (only the looked-up rows travel; see `g3n_probe.ple`), otherwise the model's device.
+            accelerator (only the looked-up rows travel; see `g3n_probe.checkpoint.ple`), otherwise the model's device.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed for ``attn_pattern``).
         altup_clip: ``"stock"`` leaves AltUp coefficients as stored (transformers in eval mode);
             ``"reference"`` clips them once to ±``altup_coef_clip``, as Google's reference does per forward.

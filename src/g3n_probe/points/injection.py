@@ -13,7 +13,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .. import arch
+from ..checkpoint import module_tree
 from .._compat import child_modules
 from .hookpoint import HookPoint
 from .methods import ReleaseRoute
@@ -112,7 +112,7 @@ def inject(model: nn.Module, points: Sequence[Point] = TABLE) -> Injection:
         raise TypeError(f"inject takes a stock Gemma 3n model (an nn.Module), not {type(model).__name__}")
     if Injection.of(model) is not None:
         raise RuntimeError("intervention points are already injected into this model (Injection.of(model))")
-    injection = Injection(root=model, text_path=arch.text_model_path(model))
+    injection = Injection(root=model, text_path=module_tree.text_model_path(model))
     text = injection.text_model
     rows = [*STACK_ROWS, *(row for row in points if row not in STACK_ROWS)]
     try:

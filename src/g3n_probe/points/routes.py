@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import arch
+from ..checkpoint import module_tree
 from .._compat import child_modules, is_traced, tensor_version
 from .hookpoint import HookPoint, serve
 from .methods import MethodRoute, method_route
@@ -154,12 +154,12 @@ class KeyValueOutputOf(OutputOf):
     none: they read the keys and values of an earlier 'store' layer, which the point's error names."""
 
     def attach(self, scope: nn.Module, point: HookPoint, injection: Any) -> list:
-        if scope.layer_idx in arch.kv_sources(point.text_config):
+        if scope.layer_idx in module_tree.kv_sources(point.text_config):
             return []   # the module does not exist here; `unavailable` says where the values come from
         return super().attach(scope, point, injection)
 
     def unavailable(self, config: Any, name: str, layer: int | None = None) -> str | None:
-        source = arch.kv_sources(config).get(layer) if layer is not None else None
+        source = module_tree.kv_sources(config).get(layer) if layer is not None else None
         if source is None:
             return None
         return (f"{name} does not exist: layer {layer} is a KV-reuse layer and computes no keys or values; it "

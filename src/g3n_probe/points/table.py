@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .. import arch
+from ..checkpoint import module_tree
 from .attention import AttentionWeights
 from .routes import (
     InputOf,
@@ -94,7 +94,7 @@ _PER_LAYER = SplitLast("num_hidden_layers")
 TABLE: tuple[Point, ...] = (
     # ---- model level, before the layers -------------------------------------------------------
     Point("ple_tokens", MODEL, "[B,T,L,P]", "output of embed_tokens_per_layer",
-          "per-layer token embeddings (table rows × √P)", OutputOf(arch.PER_LAYER_TABLE, view=_PER_LAYER)),
+          "per-layer token embeddings (table rows × √P)", OutputOf(module_tree.PER_LAYER_TABLE, view=_PER_LAYER)),
     Point("embed", MODEL, "[B,T,D]", "inputs_embeds, input of per_layer_model_projection",
           "token embedding entering the text model, vision/audio ids already swapped (stream 0 of the initial stack)",
           InputOf("per_layer_model_projection", in_place=True, private_copy_of="inputs_embeds")),

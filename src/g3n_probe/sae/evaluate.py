@@ -1,6 +1,9 @@
 """How good an SAE is on a point: reconstruction (FVU, L0, dead latents) and what splicing it costs the model
 (next-token loss clean, spliced without its error term, and with the point mean-ablated); and which inputs
 make a feature fire most (from an `ActivationDataset`).
+
+``<bos>`` follows the package's one rule (`g3n_probe.sae.tokens`): with ``include_bos=False`` (the default,
+as training does) its positions are neither spliced (the value passes through unchanged there) nor counted.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import torch
 from torch import nn
 
 from .._compat import module_of
-from ..reader import ActivationDataset
+from ..activations.activation_dataset import ActivationDataset
 from .splice import Dense, spliced
+from .tokens import bos_id, token_mask
 
 
 @dataclass
@@ -22,7 +26,8 @@ class Evaluation:
     """An SAE on one point over some texts. Losses are mean next-token cross-entropy (nats) over real tokens.
 
     ``loss_recovered`` = (mean-ablated − spliced) / (mean-ablated − clean): 1 when splicing costs nothing,
-    0 when the SAE is no better than the point's mean."""
+    0 when the SAE is no better than the point's mean. ``include_bos``: whether ``<bos>`` positions were
+    spliced and counted (see `g3n_probe.sae.tokens`)."""
 
     point: str
     stream: int | None
@@ -34,6 +39,7 @@ class Evaluation:
     loss_clean: float
     loss_spliced: float
     loss_mean_ablated: float
+    include_bos: bool = False
 
     @property
     def loss_recovered(self) -> float:
@@ -42,7 +48,8 @@ class Evaluation:
 
     def __str__(self) -> str:
         where = self.point + ("" if self.stream is None else f" stream {self.stream}")
-        return (f"{where} over {self.tokens:,} tokens: FVU {self.fvu:.3f}, L0 {self.l0:.1f}, dead latents "
+        bos = "<bos> included" if self.include_bos else "<bos> excluded"
+        return (f"{where} over {self.tokens:,} tokens ({bos}): FVU {self.fvu:.3f}, L0 {self.l0:.1f}, dead latents "
                 f"{self.dead}/{self.latents}; next-token loss clean {self.loss_clean:.3f}, spliced "
                 f"{self.loss_spliced:.3f}, mean-ablated {self.loss_mean_ablated:.3f} "
                 f"(loss recovered {self.loss_recovered:.1%})")
@@ -71,6 +78,7 @@ class _Stats:
         self.fired: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.target: torch.Tensor | None = None
+        self.source: torch.Tensor | None = None
 
     def add(self, reconstruction: torch.Tensor, features: torch.Tensor) -> None:
         rows = self.rows(self.target).double()
@@ -101,23 +109,27 @@ class _Stats:
 
 
 def _capture_target(stats: _Stats, splice: nn.Module, module: nn.Module, args: tuple) -> None:
-    target = args[1]
+    source, target = args
+    stats.source = source if splice.stream is None else source[splice.stream]
     stats.target = target if splice.stream is None else target[splice.stream]
 
 
 def _capture_features(stats: _Stats, splice: nn.Module, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     with torch.no_grad():
-        stats.add(splice.reconstruct(output, stats.target), output)
+        stats.add(splice.reconstruct(output, stats.target, stats.source), output)
 
 
 def evaluate(model: Any, texts: Sequence[str], point: str, sae: Any, *, stream: int | None = None,
-             batch_size: int = 8) -> Evaluation:
+             batch_size: int = 8, include_bos: bool = False) -> Evaluation:
     """FVU, L0 and dead latents of ``sae`` on ``point`` over ``texts``, and the next-token loss clean, with the
     SAE spliced in without its error term, and with the point mean-ablated (its mean over these texts).
 
-    ``point`` as for `spliced` (``"layers.<i>.mlp"`` for a transcoder); ``stream=k`` for one stream of a stack."""
+    ``point`` as for `spliced` (``"layers.<i>.mlp"`` for a transcoder); ``stream=k`` for one stream of a stack.
+    ``include_bos=False`` (default, as `train` trains): ``<bos>`` positions are neither spliced nor
+    mean-ablated (the value passes through unchanged there) and not counted in FVU, L0, dead latents, the mean
+    or the losses (no prediction made at ``<bos>``); True splices and counts them like any token."""
     coder = Dense(sae)
-    batches = _batches(model, texts, batch_size)
+    batches = _batches(model, texts, batch_size, include_bos)
     with spliced(model, point, coder, error=True, stream=stream) as envoy:
         splice = module_of(envoy)
         if splice.stack and stream is None:
@@ -128,45 +140,72 @@ def evaluate(model: Any, texts: Sequence[str], point: str, sae: Any, *, stream: 
         handles = [splice.register_forward_pre_hook(functools.partial(_capture_target, stats, splice)),
                    splice.features.register_forward_hook(functools.partial(_capture_features, stats, splice))]
         try:
-            clean = _loss(model, batches, stats)
+            clean = _loss(model, batches, [splice], stats)
         finally:
             for handle in handles:
                 handle.remove()
-    with spliced(model, point, coder, error=False, stream=stream):
-        with_sae = _loss(model, batches)
-    with spliced(model, point, MeanAblation(stats.mean.float()), error=False, stream=stream):
-        ablated = _loss(model, batches)
+    with spliced(model, point, coder, error=False, stream=stream) as envoy:
+        with_sae = _loss(model, batches, [module_of(envoy)])
+    with spliced(model, point, MeanAblation(stats.mean.float()), error=False, stream=stream) as envoy:
+        ablated = _loss(model, batches, [module_of(envoy)])
     latents = int(stats.fired.numel())
-    tokens = sum(int(mask.sum()) for _, mask in batches)
-    return Evaluation(point, stream, tokens, stats.fvu, stats.l0 / stats.n, latents - int(stats.fired.sum()), latents,
-                      clean, with_sae, ablated)
+    return Evaluation(point, stream, stats.n, stats.fvu, stats.l0 / stats.n, latents - int(stats.fired.sum()), latents,
+                      clean, with_sae, ablated, include_bos)
 
 
-def _batches(model: Any, texts: Sequence[str], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+@dataclass
+class Batch:
+    """Token ids, the attention mask, and ``counted``: the positions spliced and counted (real tokens, and
+    ``<bos>`` only with ``include_bos``)."""
+
+    ids: torch.Tensor
+    attention: torch.Tensor
+    counted: torch.Tensor
+
+
+def _batches(model: Any, texts: Sequence[str], batch_size: int, include_bos: bool = False) -> list[Batch]:
     if model.tokenizer is None:
         raise ValueError("evaluate tokenizes its texts, and this model has no tokenizer")
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("texts must be a non-empty list of strings")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     out = []
+    bos = bos_id(model.tokenizer)
     for start in range(0, len(texts), batch_size):
         encoded = model.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True)
-        out.append((encoded["input_ids"], encoded["attention_mask"]))
+        ids, attention = encoded["input_ids"], encoded["attention_mask"]
+        out.append(Batch(ids, attention, token_mask(ids, bos, include_bos, attention)))
+    if not any(bool(b.counted[:, :-1].any()) for b in out):
+        raise ValueError("these texts have no token to count (each is at most its <bos>)")
     return out
 
 
-def _loss(model: Any, batches: list, stats: _Stats | None = None) -> float:
-    """Mean next-token cross-entropy over real tokens, positions counted from each text's first token."""
+def _loss(model: Any, batches: list[Batch], splices: Sequence[Any] = (), stats: Any = None) -> float:
+    """Mean next-token cross-entropy over the predictions made at counted positions (`Batch.counted`) of
+    real next tokens, positions counted from each text's first token. Each of ``splices`` is told the
+    positions to splice (``Splice.keep``) for the batch; ``stats`` (when given) which rows count."""
     hf = model.hf_model
     total, count = 0.0, 0
-    with torch.no_grad():
-        for ids, mask in batches:
-            if stats is not None:
-                stats.mask = mask
-            device = hf.device
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        use_cache=False).logits.float()
-            keep = (mask[:, :-1] * mask[:, 1:]).bool().to(device)
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:].to(device)[keep], reduction="sum")
-            total, count = total + float(losses), count + int(keep.sum())
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids, mask = batch.ids, batch.attention
+                if stats is not None:
+                    stats.mask = batch.counted
+                for splice in splices:
+                    splice.keep = batch.counted
+                device = hf.device
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            position_ids=positions.to(device), use_cache=False).logits.float()
+                keep = (batch.counted[:, :-1] & mask[:, 1:].bool()).to(device)
+                losses = torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:].to(device)[keep],
+                                                           reduction="sum")
+                total, count = total + float(losses), count + int(keep.sum())
+    finally:
+        for splice in splices:
+            splice.keep = None
     return total / count
 
 
@@ -194,9 +233,13 @@ class TopActivations:
 
 
 def top_activations(dataset: ActivationDataset, sae: Any, features: Sequence[int] | None = None, k: int = 5,
-                    batch_size: int = 1024) -> TopActivations:
-    """The ``k`` rows of ``dataset`` (rows ``[N, D]``: pick a stream of a stack) where each feature fires most."""
+                    batch_size: int = 1024, include_bos: bool = False, bos: Any = 2) -> TopActivations:
+    """The ``k`` rows of ``dataset`` (rows ``[N, D]``: pick a stream of a stack) where each feature fires most.
+
+    ``include_bos=False`` (default, as `train` trains): rows at a ``<bos>`` token are never among them
+    (``bos``: its id, or the model's tokenizer; 2 by default, ``<bos>`` in every Gemma 3n tokenizer)."""
     coder = Dense(sae)
+    row_counts = _row_filter(dataset, include_bos, bos)
     best_values: torch.Tensor | None = None
     best_rows: torch.Tensor | None = None
     seen = 0
@@ -207,6 +250,8 @@ def top_activations(dataset: ActivationDataset, sae: Any, features: Sequence[int
                                  "pick a stream (ActivationDataset(..., stream=k))")
             f = coder.encode(coder.prepare(batch.x)).float()
             chosen = f if features is None else f[:, list(features)]
+            if row_counts is not None:
+                chosen = chosen.masked_fill(~row_counts(batch)[:, None], float("-inf"))
             rows = torch.arange(seen, seen + len(f)).expand(chosen.shape[1], -1)
             values = chosen.T
             if best_values is not None:
@@ -216,3 +261,21 @@ def top_activations(dataset: ActivationDataset, sae: Any, features: Sequence[int
             seen += len(f)
     listed = list(range(best_values.shape[0])) if features is None else list(features)
     return TopActivations(listed, best_values, best_rows, dataset)
+
+
+def _row_filter(dataset: ActivationDataset, include_bos: bool, bos: int | None) -> Any:
+    """None (every row counts), or a function of a `Rows` batch giving which of its rows count: not at a
+    ``<bos>`` token (the dataset's token ids at each row's text and position, through `token_mask`)."""
+    if include_bos:
+        return None
+    bos = bos if isinstance(bos, int) or bos is None else bos_id(bos)
+    cache: dict[int, torch.Tensor] = {}
+
+    def counts(batch: Any) -> torch.Tensor:
+        ids = torch.empty(len(batch.text), dtype=torch.long)
+        for i, (text, position) in enumerate(zip(batch.text.tolist(), batch.position.tolist())):
+            if text not in cache:
+                cache[text] = dataset.tokens(text)
+            ids[i] = cache[text][position]
+        return token_mask(ids, bos, include_bos=False)
+    return counts

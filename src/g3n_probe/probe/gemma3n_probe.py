@@ -21,8 +21,9 @@ from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.tracer import InterleavingTracer
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
-from . import arch, tl
-from ._compat import (
+from ..checkpoint import module_tree
+from . import tl
+from .._compat import (
     ModelOnlyPipeline,
     ProbeModelBase,
     add_envoy,
@@ -32,10 +33,10 @@ from ._compat import (
     set_base_envoy_value,
     unwrap_module,
 )
-from .activations import ActivationCache, collect, encode_inputs
+from ..activations.batch import ActivationCache, collect, encode_inputs
 from .lens import LogitLensTable, mask_non_text, readout, text_vocabulary_mask
-from .points import POINTS, HookPoint, Injection, StreamBatcher, inject, rekeep_arguments
-from .towers import TOWERS, TowerStub, materialize
+from ..points import POINTS, HookPoint, Injection, StreamBatcher, inject, rekeep_arguments
+from ..checkpoint.towers import TOWERS, TowerStub, materialize
 
 
 class PointEnvoy(Envoy):
@@ -86,11 +87,11 @@ class LayerEnvoy(Envoy):
     def skip(self, replacement: Any) -> None:
         layer = module_of(self)
         config = layer.config
-        if arch.is_kv_store(config, layer.layer_idx):
+        if module_tree.is_kv_store(config, layer.layer_idx):
             kind = config.layer_types[layer.layer_idx]
             raise ValueError(
                 f"layer {layer.layer_idx} is the KV 'store' layer for {kind}: layers "
-                f"{arch.kv_readers(config, layer.layer_idx)} reuse its keys and values, so skipping it would leave "
+                f"{module_tree.kv_readers(config, layer.layer_idx)} reuse its keys and values, so skipping it would leave "
                 "them nothing to attend to (transformers fails with a KeyError). Skip another layer, or edit this "
                 "layer's points instead."
             )
@@ -273,7 +274,7 @@ class Gemma3nProbe(ProbeModelBase):
     def logit_lens(self, prompt: Any, k: int = 5, text_only: bool = True, positions: Any = None):
         """Top-``k`` next tokens after every layer, read out through the AltUp merge.
 
-        Returns a `g3n_probe.lens.LogitLensTable` (layers × positions, tokens as strings, with
+        Returns a `g3n_probe.probe.lens.LogitLensTable` (layers × positions, tokens as strings, with
         probabilities) that renders as HTML in a notebook and as a table in a terminal.
         ``positions`` (a list of ints, negative from the end) limits the columns.
         """
@@ -306,12 +307,12 @@ class Gemma3nProbe(ProbeModelBase):
               dtype: torch.dtype | None = None, max_bytes: int | None = None, verbose: bool = True) -> ActivationCache:
         """Activation cache keyed by point names (``"layers.3.altup_predict"``, ``"ple_tokens"``, …).
 
-        See `g3n_probe.activations.collect`: states its size before running and refuses above ``max_bytes``.
+        See `g3n_probe.activations.batch.collect`: states its size before running and refuses above ``max_bytes``.
         """
         return collect(self, inputs, points, layers=layers, positions=positions, device=device, dtype=dtype,
                      max_bytes=max_bytes, verbose=verbose)
 
-    # ---- TransformerLens conventions (g3n_probe.tl) ----
+    # ---- TransformerLens conventions (g3n_probe.probe.tl) ----
 
     def to_tokens(self, input: Any, prepend_bos: bool | None = True, padding_side: str | None = None,
                   move_to_device: bool = True) -> torch.Tensor:
@@ -439,7 +440,7 @@ class Gemma3nProbe(ProbeModelBase):
         """Materialise the ``"vision"`` or ``"audio"`` tower from the checkpoint (stock module)."""
         if kind not in TOWERS:
             raise ValueError(f"unknown tower {kind!r}; choose 'vision' or 'audio'")
-        if self.injection.text_path != arch.TEXT_MODEL_PATHS["Gemma3nForConditionalGeneration"]:
+        if self.injection.text_path != module_tree.TEXT_MODEL_PATHS["Gemma3nForConditionalGeneration"]:
             raise ValueError(f"a {type(self.hf_model).__name__} has no towers: only Gemma3nForConditionalGeneration does")
         inner = self.hf_model.model
         current = getattr(inner, f"{kind}_tower")

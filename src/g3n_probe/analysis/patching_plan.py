@@ -14,8 +14,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .activations import encode_inputs
-from .points import BY_NAME, LAYER, TABLE, execution_rank
+from ..activations.batch import encode_inputs
+from ..points import BY_NAME, LAYER, TABLE, execution_rank
 
 #: ``heads=`` splits these points on their H axis; ``streams=`` splits the stream stacks on S.
 HEAD_POINTS = ("attn_z",)

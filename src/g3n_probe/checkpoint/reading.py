@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import arch
+from . import module_tree
 
 TEXT_PREFIXES = ("model.language_model.", "model.embed_vision.", "model.embed_audio.")
 TOWER_PREFIXES = {"vision": "model.vision_tower.", "audio": "model.audio_tower."}
@@ -193,7 +193,7 @@ def check_layer_count(directory: Path, config: Any, mapping: dict[str, str]) -> 
 def keys_read(keys: Iterable[str], config: Any) -> tuple[list[str], list[str]]:
     """The checkpoint keys the text path reads, and the KV-shared layers' k/v it skips (transformers
     builds no k/v there; real checkpoints still carry them). Neither list holds a tower key."""
-    shared = set(arch.kv_sources(config.text_config))
+    shared = set(module_tree.kv_sources(config.text_config))
     read, skipped = [], []
     for key in keys:
         if is_text_key(key):
@@ -221,7 +221,7 @@ def component_of(key: str) -> str:
     for kind, prefix in TOWER_PREFIXES.items():
         if key.startswith(prefix):
             return f"{kind} tower"
-    if key.startswith(f"model.language_model.{arch.PER_LAYER_TABLE}."):
+    if key.startswith(f"model.language_model.{module_tree.PER_LAYER_TABLE}."):
         return "per-layer table"
     if key.startswith("model.language_model.embed_tokens."):
         return "embed_tokens"

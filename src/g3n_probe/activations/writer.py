@@ -24,9 +24,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ._compat import attention_implementation
-from ._util import atomic_write, rank_world
-from .activations import check_available, collect, estimate_bytes, select
+from .._compat import attention_implementation
+from .._util import atomic_write, rank_world
+from .batch import check_available, collect, estimate_bytes, select
 
 MANIFEST = "manifest.json"
 _HASH_PIECE = 1 << 25  # bytes hashed per step, and the size of each host buffer an accelerator tensor streams through

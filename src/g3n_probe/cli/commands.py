@@ -21,16 +21,16 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from . import arch
-from .audit import audit
+from ..checkpoint import module_tree
+from ..analysis.audit import audit
 from .bench import run_bench
-from .checkpoint import COMPONENTS, read_config, stored_components
+from ..checkpoint.reading import COMPONENTS, read_config, stored_components
 from .demo import run_demo
 from .gpu_check import run_gpu_check
-from .hub import fetch
-from .loading import footprint, load, resolve_device, resolve_dtype, resolve_source
-from .points import listing
-from .towers import TowerNotLoadedError
+from ..hub.fetching import fetch
+from ..loading import footprint, load, resolve_device, resolve_dtype, resolve_source
+from ..points import listing
+from ..checkpoint.towers import TowerNotLoadedError
 
 #: What the CLI reports as ``error: …`` with exit 2: the project's own errors about its input (bad
 #: checkpoints, files, arguments, hub answers). Anything else (a TypeError, a KeyError) is a bug and
@@ -100,7 +100,7 @@ def _gib(nbytes: float) -> str:
 
 def layer_rows(config: Any) -> list[dict[str, Any]]:
     text = config.get_text_config()
-    modes, sources = text.kv_sharing_modes, arch.kv_sources(text)
+    modes, sources = text.kv_sharing_modes, module_tree.kv_sources(text)
     rows = []
     for i in range(text.num_hidden_layers):
         kind = text.layer_types[i]

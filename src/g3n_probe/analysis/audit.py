@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from . import arch
-from .activations import encode_inputs
+from ..checkpoint import module_tree
+from ..activations.batch import encode_inputs
 
 EPSILON_SQUARED = 1e-5  # transformers' clamp on the mean square
 
@@ -75,26 +75,12 @@ def coefficients_beyond_clip(module: Any) -> list[dict]:
     found = []
     if clip is None:
         return found
-    for i, layer in enumerate(arch.text_model(module).layers):
+    for i, layer in enumerate(module_tree.text_model(module).layers):
         for matrix in ("prediction_coefs", "correction_coefs"):
             weight = getattr(layer.altup, matrix).weight.detach()
             for index in (weight.abs() > clip).nonzero().tolist():
                 found.append({"layer": i, "matrix": matrix, "index": tuple(index), "value": float(weight[tuple(index)])})
     return found
-
-
-def clip_coefficients(module: Any) -> int:
-    """Clamp every AltUp coefficient to ±altup_coef_clip in place; returns how many changed."""
-    clip = module.config.get_text_config().altup_coef_clip
-    if clip is None:
-        return 0
-    changed = 0
-    with torch.no_grad():
-        for layer in arch.text_model(module).layers:
-            for matrix in (layer.altup.prediction_coefs, layer.altup.correction_coefs):
-                changed += int((matrix.weight.abs() > clip).sum())
-                matrix.weight.clamp_(-clip, clip)
-    return changed
 
 
 def _mean_square(projected: torch.Tensor) -> torch.Tensor:
@@ -111,7 +97,7 @@ def audit(model: Any, inputs: str | Sequence[str] | torch.Tensor | None = None) 
     if inputs is None:
         return report
     prompts = [inputs] if isinstance(inputs, (str, torch.Tensor)) else list(inputs)
-    language_model = arch.text_model(module)
+    language_model = module_tree.text_model(module)
     last = text.num_hidden_layers - 1
     for p, prompt in enumerate(prompts):
         ids = _ids(model, prompt)

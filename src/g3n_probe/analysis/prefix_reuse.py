@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
-from . import arch
-from ._compat import (
+from ..checkpoint import module_tree
+from .._compat import (
     CACHE_KEYWORD,
     attention_implementation,
     cached_kv,
@@ -42,7 +42,7 @@ from ._compat import (
     module_of,
     share_kv_before,
 )
-from .points import BY_NAME
+from ..points import BY_NAME
 
 #: Attention implementations whose cached (queries < keys) path is tested against the full forward.
 REUSE_ATTENTION = ("sdpa", "eager")
@@ -91,7 +91,7 @@ class TargetRun:
         config = model.text_config
         handles = []
         for layer in skipped:
-            if not arch.is_kv_store(config, layer):
+            if not module_tree.is_kv_store(config, layer):
                 continue
             keys, values = self.kv[layer]
             index = pair_index.to(keys.device)

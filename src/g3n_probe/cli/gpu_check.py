@@ -21,9 +21,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import arch, patching, patching_plan
+from ..checkpoint import module_tree
+from ..analysis import patching, patching_plan
 from .bench import median_time, rss, sync
-from .checkpoint import (
+from ..checkpoint.reading import (
     by_file,
     is_text_key,
     read_exactly,
@@ -31,11 +32,11 @@ from .checkpoint import (
     tensor_offsets,
     weight_map,
 )
-from .decompose import decompose
-from .loading import load
-from .points import BY_NAME
-from .probe import Gemma3nProbe
-from .synthetic import build_tokenizer, random_model, save_checkpoint
+from ..analysis.decompose import decompose
+from ..loading import load
+from ..points import BY_NAME
+from ..probe.gemma3n_probe import Gemma3nProbe
+from ..checkpoint.synthetic import build_tokenizer, random_model, save_checkpoint
 
 GIB = 1024**3
 
@@ -164,7 +165,7 @@ def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
     start = time.perf_counter()
     with PeakRSS() as rss:
         model = load(checkpoint, device=device)
-    table = arch.per_layer_table(model.hf_model).weight
+    table = module_tree.per_layer_table(model.hf_model).weight
     table_bytes = table.numel() * table.element_size() if table.device.type == "cpu" else 0
     del table
     ids = torch.randint(3, model.text_config.vocab_size_per_layer_input, (1, 16), device=device)
@@ -182,7 +183,7 @@ def measure_load(checkpoint: Path, device: str) -> dict[str, float]:
 def _resid_mid_hooks(stock: torch.nn.Module, clean: torch.Tensor, layers: list[int]) -> tuple[list, dict]:
     """The stock decoder layers, and the clean prompt's resid_mid at ``layers`` read with plain forward
     pre-hooks on ``pre_feedforward_layernorm`` (its input is resid_mid), from one stock forward."""
-    decoders = arch.text_model(stock).layers
+    decoders = module_tree.text_model(stock).layers
     kept: dict[int, torch.Tensor] = {}
     handles = [decoders[layer].pre_feedforward_layernorm.register_forward_pre_hook(
         lambda module, args, layer=layer: kept.__setitem__(layer, args[0].detach().clone())) for layer in layers]
@@ -336,7 +337,7 @@ def run_gpu_check(preset: str, device: str, out: Path, results: dict, print_fn: 
     # the trailing KV-reuse layers, where a last-position metric lets most patches cost no forward at all
     # (that would flatter G6).
     probe = Gemma3nProbe(module, tokenizer=build_tokenizer(module.config))
-    before_reuse = min(arch.kv_sources(module.config.get_text_config()), default=layers)
+    before_reuse = min(module_tree.kv_sources(module.config.get_text_config()), default=layers)
     results["patching"] = measure_patching(probe, tokens=128 if on_gpu else 16, chunk=64 if on_gpu else 32,
                                            layers=[before_reuse // 3, 2 * before_reuse // 3])
     print_fn("decompose: g3n.decompose vs a traced forward ...")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
+from ..checkpoint.reading import (
     FETCH_NOTE,
     INDEX,
     PICKLE_SUFFIXES,
@@ -55,7 +55,7 @@ from .checkpoint import (
     parse_header,
     read_config,
 )
-from .hub_files import (
+from .cache_layout import (
     MAX_REF_NAME,
     RECORD,
     REVISION_FILE,
@@ -80,8 +80,8 @@ from .hub_files import (
     write_file,
     write_ref,
 )
-from .hub_http import HEX_COMMIT, FetchError, HubAccessError, HubClient, Listing
-from .hub_write import FilePlan, adopt, bytes_on_disk, fetch_small, fill, forget_ranged
+from .http import HEX_COMMIT, FetchError, HubAccessError, HubClient, Listing
+from .transfers import FilePlan, adopt, bytes_on_disk, fetch_small, fill, forget_ranged
 
 __all__ = ["CacheLinkError", "ContentError", "DiskFullError", "FetchError", "FetchReport", "HubAccessError",
            "cache_root", "cached_checkpoint", "fetch", "fetch_config", "hf_cache_checkpoint", "is_offline",

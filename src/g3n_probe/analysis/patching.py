@@ -39,9 +39,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import arch
-from ._compat import base_skip
-from .patching_cache import (
+from ..checkpoint import module_tree
+from .._compat import base_skip
+from .prefix_reuse import (
     TargetRun,
     beyond_reach,
     checked_reuse,
@@ -65,7 +65,7 @@ from .patching_plan import (
     reuse_order,
     variants,
 )
-from .points import BY_NAME, Point, execution_rank
+from ..points import BY_NAME, Point, execution_rank
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -284,7 +284,7 @@ def layers_run(model: Any, keep_stores: bool = True) -> list[int]:
     """``runs[l]``: the layers a forward whose first patch is at layer l runs: l … L − 1, and (``keep_stores``)
     the KV 'store' layers before l."""
     count = model.text_config.num_hidden_layers
-    stores = [keep_stores and arch.is_kv_store(model.text_config, i) for i in range(count)]
+    stores = [keep_stores and module_tree.is_kv_store(model.text_config, i) for i in range(count)]
     return [count - layer + sum(stores[:layer]) for layer in range(count)]
 
 
@@ -332,7 +332,7 @@ def _skipped(model: Any, variants: Sequence[Sequence[Any]], keep_stores: bool = 
     (`patching_cache.TargetRun.share_skipped_stores`). (A patch of a layer's ``input`` is a patch of that
     layer: the layers before it are skipped, the layer runs.)"""
     first = min(variant[0] for variant in variants)
-    return [i for i in range(first) if not (keep_stores and arch.is_kv_store(model.text_config, i))]
+    return [i for i in range(first) if not (keep_stores and module_tree.is_kv_store(model.text_config, i))]
 
 
 def prefix_needs(model: Any, variants: Sequence[Sequence[Any]], keep_stores: bool = True) -> set[int]:
@@ -430,7 +430,7 @@ def _skip_prefix(model: Any, skipped: list[int], prefix: dict[int, torch.Tensor]
         else:                 # handed to a skipped layer: never read, so no memory spent on it
             filler = torch.zeros((), dtype=template.dtype, device=template.device)
             replacement = filler.expand(template.shape[0], rows, template.shape[2] - start, *template.shape[3:])
-        if arch.is_kv_store(model.text_config, layer):   # its keys and values come from the target's run
+        if module_tree.is_kv_store(model.text_config, layer):   # its keys and values come from the target's run
             base_skip(model.layers[layer], replacement)
         else:
             model.layers[layer].skip(replacement)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 #: The stock classes g3n_probe accepts, and where each keeps its ``Gemma3nTextModel``.
@@ -67,3 +68,17 @@ def kv_readers(text_config: Any, store: int) -> list[int]:
 
 def is_kv_store(text_config: Any, layer: int) -> bool:
     return text_config.kv_sharing_modes[layer] == "store"
+
+
+def clip_coefficients(module: Any) -> int:
+    """Clamp every AltUp coefficient to ±altup_coef_clip in place; returns how many changed."""
+    clip = module.config.get_text_config().altup_coef_clip
+    if clip is None:
+        return 0
+    changed = 0
+    with torch.no_grad():
+        for layer in text_model(module).layers:
+            for matrix in (layer.altup.prediction_coefs, layer.altup.correction_coefs):
+                changed += int((matrix.weight.abs() > clip).sum())
+                matrix.weight.clamp_(-clip, clip)
+    return changed

@@ -6,7 +6,7 @@ same process (one model resident at a time):
 * ``stock_multimodal``   stock with real towers (only when timm is installed);
 * ``stock_text``         stock with the towers stubbed, everything on the device;
 * ``g3n_table_device``   g3n_probe, points injected, per-layer table on the device;
-* ``g3n_table_host``     g3n_probe, per-layer table in host memory (`g3n_probe.ple`).
+* ``g3n_table_host``     g3n_probe, per-layer table in host memory (`g3n_probe.checkpoint.ple`).
 
 Figures: resident device memory after load; for each shape, peak device memory and the median
 forward time with last-position logits (``logits_to_keep=1``, no KV cache); for the g3n variants
@@ -29,12 +29,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import arch
-from .ple import host_resident, move_except_table
-from .points import TABLE, in_execution_order
-from .probe import Gemma3nProbe
-from .synthetic import build_tokenizer, preset_config, random_model
-from .towers import build_text_only
+from ..checkpoint import module_tree
+from ..checkpoint.ple import host_resident, move_except_table
+from ..points import TABLE, in_execution_order
+from ..probe.gemma3n_probe import Gemma3nProbe
+from ..checkpoint.synthetic import build_tokenizer, preset_config, random_model
+from ..checkpoint.towers import build_text_only
 
 
 def rss() -> int:
@@ -88,7 +88,7 @@ def _build(variant: str, preset: str, device: torch.device, dtype: torch.dtype) 
     if variant == "g3n_table_host":
         module = random_model(preset, device="cpu", dtype=dtype)
         move_except_table(module, device)
-        host_resident(arch.per_layer_table(module), device)
+        host_resident(module_tree.per_layer_table(module), device)
     else:
         module = random_model(preset, device=device, dtype=dtype)
     if variant == "stock_text":

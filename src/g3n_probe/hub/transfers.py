@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, keys_in, tensor_offsets
-from .hub_files import (
+from ..checkpoint.reading import CheckpointError, keys_in, tensor_offsets
+from .cache_layout import (
     JOURNAL,
     JOURNAL_EVERY,
     READ_BYTES,
@@ -35,7 +35,7 @@ from .hub_files import (
     verified,
     write_file,
 )
-from .hub_http import FetchError, HubClient, Listing, Transient, wait_or_give_up
+from .http import FetchError, HubClient, Listing, Transient, wait_or_give_up
 
 
 

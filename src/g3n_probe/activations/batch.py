@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .points import BY_NAME, MODEL, TABLE, Point, concrete_shape, in_execution_order, split_qualified
+from ..points import BY_NAME, MODEL, TABLE, Point, concrete_shape, in_execution_order, split_qualified
 
 
 class ActivationCache(dict):

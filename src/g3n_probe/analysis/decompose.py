@@ -32,11 +32,11 @@ from typing import Any, Sequence
 
 import torch
 
-from . import arch
-from .activations import encode_inputs
+from ..checkpoint import module_tree
+from ..activations.batch import encode_inputs
 from .decompose_view import DecompositionTable, plot_decomposition
-from .lens import stream_magnitudes
-from .points import split_qualified
+from ..probe.lens import stream_magnitudes
+from ..points import split_qualified
 
 COMPONENTS = ("attn_out", "laurel_branch", "mlp_out", "ple_out")
 
@@ -205,7 +205,7 @@ def _readout_covector(model: Any, saved: dict, direction: torch.Tensor) -> torch
     """``[R=S, S, B, P, D]``: the target on the last stack, readout stream r on stream r (zero elsewhere),
     with the merge's rescale and the final norm's scale frozen."""
     hf = model.hf_model
-    language_model = arch.text_model(hf)
+    language_model = module_tree.text_model(hf)
     stack, merged = saved["stack"], saved["merged"]
     streams = stack.shape[0]
     u = _through_unembedding(hf.lm_head.weight, direction.to(stack.device))   # [B, D]
@@ -242,7 +242,7 @@ def _target_on_real_logits(model: Any, merged: torch.Tensor, direction: torch.Te
     """``[B, P]``: the direction applied to the real pre-soft-cap logits (the stock final norm, then the
     lm_head's rows for the ids the direction touches, in the model's dtype: those logits' own values)."""
     hf = model.hf_model
-    hidden = arch.text_model(hf).norm(merged)
+    hidden = module_tree.text_model(hf).norm(merged)
     total = torch.zeros(merged.shape[:2], device=merged.device)
     for ids in _vocabulary_chunks(direction):
         rows = hf.lm_head.weight.index_select(0, ids.to(hidden.device))
@@ -303,7 +303,7 @@ def _backward(model: Any, saved: dict, covector: torch.Tensor, last: int
               ) -> tuple[list[str], torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Every component's contribution per readout stream ``[N, R, B, P]``, the heads per layer, and the
     covector on each layer's ``x`` (for neurons)."""
-    layers = arch.text_model(model.hf_model).layers
+    layers = module_tree.text_model(model.hf_model).layers
     active = model.text_config.altup_active_idx
     per_layer: list[dict[str, torch.Tensor]] = []
     heads, on_xs = {}, {}
@@ -324,7 +324,7 @@ def _neuron_splitter(model: Any, inputs: Any, index: torch.Tensor, on_xs: dict[i
             raise KeyError(f"layer {layer} has no mlp_out in this decomposition (layers {sorted(on_xs)})")
         with torch.no_grad(), model.trace(inputs):
             act = model.layers[layer].mlp_act.output.index_select(1, index).save()
-        module = arch.text_model(model.hf_model).layers[layer]
+        module = module_tree.text_model(model.hf_model).layers[layer]
         norm = module.post_feedforward_layernorm
         covector = on_xs[layer] * _rms_scale(module.mlp.down_proj(act), norm.eps) * norm.weight.float()
         per_neuron = (covector @ module.mlp.down_proj.weight.float()) * act.float()      # [B, P, F]

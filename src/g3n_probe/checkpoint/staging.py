@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TORCH_DTYPES, read_exactly
+from .reading import TORCH_DTYPES, read_exactly
 
 
 class Staging:

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ._compat import gemma3n_builds_submodels_with
-from .checkpoint import TOWER_PREFIXES, by_file, fetched_text_only, is_text_key, open_safetensors
+from .._compat import gemma3n_builds_submodels_with
+from .reading import TOWER_PREFIXES, by_file, fetched_text_only, is_text_key, open_safetensors
 
 TOWERS = tuple(TOWER_PREFIXES)
 

@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import torch
 
-from . import arch
-from .checkpoint import component_of
-from .ple import host_resident, is_host_resident
-from .probe import Gemma3nProbe
-from .towers import build_text_only
+from ..checkpoint import module_tree
+from ..checkpoint.reading import component_of
+from ..checkpoint.ple import host_resident, is_host_resident
+from ..probe.gemma3n_probe import Gemma3nProbe
+from ..checkpoint.towers import build_text_only
 
 PRESETS = {"e2b": {"layers_to_skip": list(range(20, 25)), "ffn_width": 8192, "parent_layers": 35}}
 
@@ -40,9 +40,9 @@ def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths:
     kept = [i for i in range(n) if i not in skip]
     if not kept:
         raise ValueError("a sub-model needs at least one layer")
-    stores = [i for i in skip if arch.is_kv_store(text, i)]
+    stores = [i for i in skip if module_tree.is_kv_store(text, i)]
     if stores:
-        readers = {s: arch.kv_readers(text, s) for s in stores}
+        readers = {s: module_tree.kv_readers(text, s) for s in stores}
         raise ValueError(f"layers {stores} are KV 'store' layers (read by {readers}); a sub-model cannot skip them")
     if ffn_widths is None:
         widths = [text.intermediate_size[i] for i in kept]
@@ -62,10 +62,10 @@ def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths:
     sub_text.layer_types = [text.layer_types[i] for i in kept]
     sub_text.intermediate_size = widths
     sub_text.activation_sparsity_pattern = [text.activation_sparsity_pattern[i] for i in kept]
-    sub_text.num_kv_shared_layers = len(set(arch.kv_sources(text)) & set(kept))
+    sub_text.num_kv_shared_layers = len(set(module_tree.kv_sources(text)) & set(kept))
     position = {parent: child for child, parent in enumerate(kept)}
-    parent_sources = arch.kv_sources(text)
-    for child, source in arch.kv_sources(sub_text).items():
+    parent_sources = module_tree.kv_sources(text)
+    for child, source in module_tree.kv_sources(sub_text).items():
         if position.get(parent_sources.get(kept[child], -1)) != source:
             raise ValueError(f"skipping {skip} would make layer {kept[child]} read K/V from parent layer "
                              f"{kept[source]} instead of {parent_sources.get(kept[child])}")
@@ -121,8 +121,8 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
     config, kept = submodel_config(parent.config, layers_to_skip, ffn_widths)
     state = {k: v for k, v in parent.state_dict().items() if k != "lm_head.weight" and component_of(k) not in ("vision tower", "audio tower")}
     state = sliced_state_dict(state, parent.config, kept, config.get_text_config().intermediate_size)
-    device = arch.text_model(parent).embed_tokens.weight.device
-    table = arch.per_layer_table(parent)
+    device = module_tree.text_model(parent).embed_tokens.weight.device
+    table = module_tree.per_layer_table(parent)
     child = build_text_only(config, device, table.weight.dtype)
     missing, unexpected = child.load_state_dict(state, strict=False)
     if set(missing) - {"lm_head.weight"} or unexpected:
@@ -133,7 +133,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
         for attr in ("checkpoint_dir", "tensor_files"):
             if hasattr(source, attr):
                 setattr(stub, attr, getattr(source, attr))
-    child_table = arch.per_layer_table(child)
+    child_table = module_tree.per_layer_table(child)
     if table.weight.device != device:
         child_table.to(table.weight.device)
     if is_host_resident(table):

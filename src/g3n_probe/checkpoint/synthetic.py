@@ -33,15 +33,15 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from . import arch
-from ._compat import set_attention_implementation
-from ._util import atomic_write
-from .checkpoint import TOWER_PREFIXES
+from . import module_tree
+from .._compat import set_attention_implementation
+from .._util import atomic_write
+from .reading import TOWER_PREFIXES
 from .towers import build_text_only
 
 PRESETS = ("tiny", "mid", "e2b", "e4b")
 
-_MANIFEST = Path(__file__).parent / "data" / "mobilenetv5_300m_enc.json"
+_MANIFEST = Path(__file__).parent.parent / "data" / "mobilenetv5_300m_enc.json"
 
 # Gemma 3n's special tokens at their real ids (text part of the vocabulary).
 _TEXT_SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 5: "[multimodal]",
@@ -185,7 +185,7 @@ def _checkpoint_shapes(config, preset: str) -> dict[str, tuple[torch.Size, torch
     shapes = {k: (v.shape, v.dtype) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     # Real checkpoints still carry k/v projections and norms for KV-shared layers.
     text = config.text_config
-    for i in arch.kv_sources(text):
+    for i in module_tree.kv_sources(text):
         prefix = f"model.language_model.layers.{i}.self_attn."
         kv = text.num_key_value_heads * text.head_dim
         shapes[prefix + "k_proj.weight"] = (torch.Size([kv, text.hidden_size]), torch.float32)

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import arch
-from ._compat import hook_functions
-from ._util import parse_device
+from . import module_tree
+from .._compat import hook_functions
+from .._util import parse_device
 
 
 def resolve_ple_device(ple_device: str | torch.device | None, device: torch.device) -> torch.device:
@@ -63,11 +63,11 @@ def _rows_to_device(device: torch.device, module: nn.Module, args: tuple, rows: 
 
 def move_except_table(model: nn.Module, device: torch.device) -> None:
     """Move every parameter and buffer of ``model`` to ``device`` except the per-layer table's."""
-    language_model = arch.text_model(model)
-    table = arch.per_layer_table(model)
+    language_model = module_tree.text_model(model)
+    table = module_tree.per_layer_table(model)
     placeholder: Any = nn.Module()
-    setattr(language_model, arch.PER_LAYER_TABLE, placeholder)
+    setattr(language_model, module_tree.PER_LAYER_TABLE, placeholder)
     try:
         model.to(device)
     finally:
-        setattr(language_model, arch.PER_LAYER_TABLE, table)
+        setattr(language_model, module_tree.PER_LAYER_TABLE, table)

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ._util import atomic_write
-from .checkpoint import CheckpointError
-from .hub_http import FetchError
+from .._util import atomic_write
+from ..checkpoint.reading import CheckpointError
+from .http import FetchError
 
 RECORD = ".g3n_fetch.json"      # per directory: what each file is (remote identity, own sha256 and size)
 REVISION_FILE = ".g3n_revision"  # in partial/<commit>: the revision that was asked for

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .arch import text_model
+from ..checkpoint.module_tree import text_model
 
 
 def stream_magnitudes(language_model: Any, stack: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
