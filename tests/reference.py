@@ -348,3 +348,127 @@ def replay_components(model: nn.Module, ids: torch.Tensor, direction: torch.Tens
             stack = replay_layer(lm.layers[j], kept, j, stack, writes)
             stacks.append(stack)
     return {"components": result, "heads": heads, "stacks": stacks, "kept": kept}
+
+
+# ---- an independent frozen replay of the replacement model (attribution graphs) ---------------------------
+#
+# The graph's edge s -> t is the change in t's input when source s is removed from the replacement model with
+# every nonlinearity frozen. Here that model is the stock forward run again with plain hooks that return
+# recorded values (q/k norms, so attention patterns; AltUp coefficients; the MLP outputs and PLE contributions,
+# which are the sources) and apply each norm with its recorded scale; a source is removed by subtracting its
+# value where it enters. Written from the stock modules, not from g3n_probe.
+
+_FROZEN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm", "laurel.post_laurel_norm", "self_attn.v_norm")
+_RECORDED = ("self_attn.q_norm", "self_attn.k_norm", "altup.prediction_coefs", "altup.correction_coefs")
+
+
+def _norm_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    scale = _rms(x, module.eps)
+    return scale * module.weight.float() if module.with_scale else scale
+
+
+def graph_record(model: nn.Module, ids: torch.Tensor) -> dict:
+    """A clean stock forward's frozen quantities and sources, by plain hooks."""
+    lm = _text(model)
+    rec: dict = {}
+    handles = []
+
+    def put(key, what):
+        def hook(module, args, out):
+            value = {"in": args[0], "out": out}[what]
+            rec[key] = value.detach().clone() if what == "out" else _norm_scale(module, value.detach())
+        return hook
+
+    for i, layer in enumerate(lm.layers):
+        for name in _FROZEN_NORMS + _RECORDED:
+            if name.startswith("self_attn.") and not hasattr(layer.self_attn, name.split(".")[1]):
+                continue
+            what = "in" if name in _FROZEN_NORMS else "out"
+            handles.append(layer.get_submodule(name).register_forward_hook(put((name, i), what)))
+        handles += [layer.post_feedforward_layernorm.register_forward_hook(put(("mlp_out", i), "out")),
+                    layer.mlp.register_forward_hook(put(("mlp", i), "out")),
+                    layer.pre_feedforward_layernorm.register_forward_hook(put(("x", i), "out")),
+                    layer.post_per_layer_input_norm.register_forward_hook(put(("ple", i), "out"))]
+    handles.append(lm.layers[0].register_forward_pre_hook(lambda m, a: rec.__setitem__("stack", a[0].detach().clone())))
+    handles.append(lm.layers[-1].register_forward_hook(lambda m, a, o: rec.__setitem__("last", o.detach().clone())))
+    handles.append(lm.norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("merged", a[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            rec["logits"] = stock_forward(model, ids).logits.detach()
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+def graph_replay(model: nn.Module, ids: torch.Tensor, rec: dict, site: str = "mlp_out",
+                 mlp_delta: dict | None = None, ple_delta: dict | None = None, stack_delta: torch.Tensor | None = None,
+                 skips: dict | None = None) -> dict:
+    """The frozen replacement model run again: recorded values, recorded norm scales, the sources changed by
+    the deltas (``mlp_delta[layer]``/``ple_delta[layer]`` [T, D], ``stack_delta`` [S, T, D]). Returns each layer's
+    MLP input ``x`` and the last stack. ``skips[layer]`` = W_skip keeps a skip transcoder's path live."""
+    lm = _text(model)
+    mlp_delta, ple_delta, skips = mlp_delta or {}, ple_delta or {}, skips or {}
+    got: dict = {}
+    handles = []
+
+    def scaled(key):
+        return lambda m, a, o: (a[0].float() * rec[key]).to(o.dtype)
+
+    def fixed(key, delta=None, skip=None, layer=None):
+        def hook(m, a, o):
+            value = rec[key].clone()
+            if delta is not None:
+                value[0] += delta.to(value.dtype)
+            if skip is not None:
+                value = value + (got[("x", layer)] - rec[("x", layer)]).float() @ skip.T.float()
+            return value.to(o.dtype)
+        return hook
+
+    for i, layer in enumerate(lm.layers):
+        for name in _FROZEN_NORMS + _RECORDED:
+            if (name, i) not in rec:
+                continue
+            hook = scaled((name, i)) if name in _FROZEN_NORMS else fixed((name, i))
+            handles.append(layer.get_submodule(name).register_forward_hook(hook))
+        source = layer.post_feedforward_layernorm if site == "mlp_out" else layer.mlp
+        key = ("mlp_out", i) if site == "mlp_out" else ("mlp", i)
+        handles += [source.register_forward_hook(fixed(key, mlp_delta.get(i), skips.get(i), i)),
+                    layer.pre_feedforward_layernorm.register_forward_hook(
+                        lambda m, a, o, i=i: got.__setitem__(("x", i), o.detach().clone())),
+                    layer.post_per_layer_input_norm.register_forward_hook(fixed(("ple", i), ple_delta.get(i)))]
+
+    def stack_in(module, args):
+        stack = rec["stack"].clone()
+        if stack_delta is not None:
+            stack[:, 0] += stack_delta.to(stack.dtype)
+        return (stack, *args[1:])
+
+    handles.append(lm.layers[0].register_forward_pre_hook(stack_in))
+    handles.append(lm.layers[-1].register_forward_hook(lambda m, a, o: got.__setitem__("last", o.detach().clone())))
+    try:
+        with torch.no_grad():
+            stock_forward(model, ids)
+    finally:
+        for h in reversed(handles):
+            h.remove()
+    return got
+
+
+def graph_logit_input(model: nn.Module, rec: dict, last: torch.Tensor, token: int) -> float:
+    """A logit node's input on a (replayed) last stack: its demeaned pre-soft-cap logit at the last position,
+    with the readout's stream rescale and the final norm's scale frozen at their recorded values."""
+    lm = _text(model)
+    real = rec["last"][:, 0, -1].float()
+    stack = last[:, 0, -1].float()
+    target_rms = real[0].pow(2).mean().sqrt()
+    merged = stack[0].clone()
+    for k in range(1, stack.shape[0]):
+        projection = lm.altup_unembed_projections[k - 1]
+        factor = target_rms / projection(real[k]).pow(2).mean().clamp(min=1e-5).sqrt()
+        merged = merged + factor * (stack[k] @ projection.weight.float().T)
+    merged = merged / stack.shape[0]
+    weight = model.lm_head.weight.float()
+    direction = weight[token] - weight.mean(0)
+    return float((merged * _norm_scale(lm.norm, rec["merged"][0, -1]) * direction).sum())

@@ -26,13 +26,14 @@ Public spellings live here (``g3n.load``, ``g3n.hub.fetch``, ``g3n.patching.swee
 
 from importlib.metadata import version as _version
 
-from . import _moved, hub, sae
+from . import _moved, circuits, hub, sae
 from .activations import ActivationCache, ActivationDataset, cache_dataset
 from .analysis import audit as _audit_module
 from .analysis import decompose as _decompose_module
 from .analysis import matformer, patching
 from .analysis.audit import AuditReport, audit
 from .analysis.decompose import Decomposition, decompose
+from .circuits import Graph, attribute
 from .checkpoint import CheckpointError, TowerNotLoadedError, synthetic
 from .loading import LoadReport, load
 from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
@@ -52,8 +53,10 @@ __all__ = [
     "ActivationCache",
     "ActivationDataset",
     "AuditReport",
+    "attribute",
     "audit",
     "cache_dataset",
+    "circuits",
     "Decomposition",
     "decompose",
     "hub",
@@ -62,6 +65,7 @@ __all__ = [
     "sae",
     "CheckpointError",
     "Gemma3nProbe",
+    "Graph",
     "HookPoint",
     "Injection",
     "InjectionError",
