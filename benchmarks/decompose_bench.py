@@ -49,9 +49,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
     from g3n_probe.cli.gpu_check import measure_decompose
     from g3n_probe.probe import Gemma3nProbe
-    from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

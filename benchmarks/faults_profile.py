@@ -29,8 +29,7 @@ import re
 from pathlib import Path
 
 import torch
-
-from points_bench import MODES, build_models, faults, mode_runs, rotated   # the modes points_bench times
+from points_bench import MODES, build_models, faults, mode_runs, rotated  # the modes points_bench times
 
 HERE = Path(__file__).resolve().parent
 

@@ -36,9 +36,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads); default 1")
     args = parser.parse_args()
+    from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
     from g3n_probe.cli.gpu_check import measure_patching
     from g3n_probe.probe import Gemma3nProbe
-    from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
 
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -38,9 +38,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
 from g3n_probe.cli.bench import sync, trace_every_point
 from g3n_probe.probe import Gemma3nProbe
-from g3n_probe.checkpoint.synthetic import build_tokenizer, random_model
 
 HERE = Path(__file__).resolve().parent
 #: glibc's malloc, told to serve blocks up to 32 MiB from its heap and keep freed memory (what a user can

@@ -11,7 +11,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.manual_seed(0)
 
 import g3n_probe as g3n  # noqa: E402
-
 from reference import build_stock  # noqa: E402
 
 

@@ -14,11 +14,10 @@ import threading
 import pytest
 import torch
 
-from g3n_probe.checkpoint import module_tree
-from g3n_probe.checkpoint import ple
+from g3n_probe.checkpoint import module_tree, ple
 from g3n_probe.checkpoint.reading import DTYPE_BYTES, keys_read, read_config, tensor_offsets, weight_map
-from g3n_probe.loading import load_text_model
 from g3n_probe.checkpoint.staging import Staging, swap_in
+from g3n_probe.loading import load_text_model
 
 TABLE_KEY = "model.language_model.embed_tokens_per_layer.weight"
 IDS = torch.tensor([[2, 17, 5, 9, 11, 40, 3], [2, 8, 8, 30, 12, 7, 1]])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from g3n_probe.cli.gpu_check import check_markdown, check_targets
 from g3n_probe.cli import main
+from g3n_probe.cli.gpu_check import check_markdown, check_targets
 
 GIB = 1024**3
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch

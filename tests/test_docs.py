@@ -11,9 +11,9 @@ import re
 
 import pytest
 import yaml
-from docs_site import REQUIRED, ROOT, built_site, missing_docs_tools
 
 import g3n_probe
+from docs_site import REQUIRED, ROOT, built_site, missing_docs_tools
 
 REFERENCE = ROOT / "docs" / "reference"
 # Public beyond the ``__all__`` lists: the entry points of the analysis and checkpoint modules.

@@ -9,6 +9,7 @@ Debian's chromium and sets G3N_REQUIRE_BROWSER=1, under which a missing browser 
 from __future__ import annotations
 
 import pytest
+
 from browser import CANDIDATES, Browser, find_chromium, serve
 from docs_site import REQUIRED, ROOT, built_site, missing_docs_tools
 

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubserver import FakeHub
 
 import g3n_probe as g3n
-from g3n_probe.hub import fetching
-from g3n_probe.hub import cache_layout
-from g3n_probe.hub import http as hub_http
 from g3n_probe.checkpoint import synthetic
-from g3n_probe.cli import main as cli
 from g3n_probe.checkpoint.reading import CheckpointError, is_text_key, keys_read, read_config
+from g3n_probe.cli import main as cli
+from g3n_probe.hub import cache_layout, fetching
+from g3n_probe.hub import http as hub_http
+from hubserver import FakeHub
 
 REPO = "g3n-test/tiny-gemma-3n"
 IDS = torch.tensor([[2, 17, 5, 9, 11, 40, 3]])

@@ -20,9 +20,8 @@ from transformers import Gemma3nForCausalLM
 from transformers.models.gemma3n import modeling_gemma3n
 
 import g3n_probe as g3n
-from g3n_probe.points import POINTS, HookPoint, InjectionError, InputOf, LAYER, Point
+from g3n_probe.points import LAYER, POINTS, HookPoint, InjectionError, InputOf, Point
 from reference import build_stock, capture, exists_at, stock_forward
-
 
 # ---- helpers -------------------------------------------------------------------------------------
 

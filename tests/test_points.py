@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from g3n_probe.points import LAYER_POINTS, MODEL_POINTS, POINTS
+from g3n_probe.points import LAYER_POINTS, MODEL_POINTS
 from reference import capture, edited, exists_at, stock_forward
 
 LAYERS = (0, 3, 4, 5)  # sparse sliding, KV store (sliding), KV reuse (sliding), KV reuse (full)

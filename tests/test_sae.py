@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
-from reference import stock_forward
 
 import g3n_probe as g3n
+from reference import stock_forward
 
 D = 64  # the tiny preset's hidden size
 

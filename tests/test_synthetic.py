@@ -138,8 +138,8 @@ def test_accelerator_footprint_plan_for_the_real_shapes(preset, limit_gib):
     """`g3n-probe info --device cuda`'s plan, on the meta device: what the GPU holds, what the host holds."""
     import torch
 
-    from g3n_probe.loading import footprint
     from g3n_probe.checkpoint.synthetic import preset_config
+    from g3n_probe.loading import footprint
 
     plan = footprint(preset_config(preset), device="cuda", dtype=torch.bfloat16)
     on_gpu = sum(c["bytes"] for c in plan.values() if c["where"] == "accelerator")

@@ -33,8 +33,8 @@ from .analysis import decompose as _decompose_module
 from .analysis import matformer, patching
 from .analysis.audit import AuditReport, audit
 from .analysis.decompose import Decomposition, decompose
-from .circuits import Graph, attribute
 from .checkpoint import CheckpointError, TowerNotLoadedError, synthetic
+from .circuits import Graph, attribute
 from .loading import LoadReport, load
 from .points import POINTS, TABLE, HookPoint, Injection, InjectionError, Point, PointWriteError, inject
 from .probe import Gemma3nProbe

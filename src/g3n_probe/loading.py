@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import module_tree
-from .checkpoint.module_tree import clip_coefficients
 from . import hub
 from ._util import parse_device
+from .checkpoint import module_tree
+from .checkpoint.module_tree import clip_coefficients
+from .checkpoint.ple import host_resident, resolve_ple_device
 from .checkpoint.reading import (
     COMPONENTS,
     DTYPE_BYTES,
@@ -51,11 +52,10 @@ from .checkpoint.reading import (
     tower_files,
     weight_map,
 )
-from .checkpoint.ple import host_resident, resolve_ple_device
-from .probe.gemma3n_probe import Gemma3nProbe
 from .checkpoint.staging import Staged, Staging, TablePlaceholder, swap_in
 from .checkpoint.synthetic import default_checkpoint
 from .checkpoint.towers import TowerStub, build_text_only, expected_text_shapes, tower_stubs
+from .probe.gemma3n_probe import Gemma3nProbe
 
 SUPPORTED_DEVICES = ("cpu", "cuda")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -354,7 +354,7 @@ def _resolve_tokenizer(tokenizer: Any) -> Any:
             raise CheckpointError(f"{definition} is not a tokenizer definition (it has no 'model' section)")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception as error:  # noqa: BLE001 - tokenizers raise many types for a broken file
+    except Exception as error:  # tokenizers raise many types for a broken file
         raise CheckpointError(f"the tokenizer in {path} cannot be read: {type(error).__name__}: {error}") from None
 
 

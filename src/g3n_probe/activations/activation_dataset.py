@@ -26,8 +26,8 @@ from safetensors import safe_open
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .._util import rank_world
-from .writer import MANIFEST, rank_shards, run_fingerprint, shard_path, verify_shard
 from ..points import BY_NAME, Point, checked_stream, split_qualified
+from .writer import MANIFEST, rank_shards, run_fingerprint, shard_path, verify_shard
 
 
 class Rows(NamedTuple):

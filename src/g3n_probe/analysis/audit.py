@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoint import module_tree
 from ..activations.batch import encode_inputs
+from ..checkpoint import module_tree
 
 EPSILON_SQUARED = 1e-5  # transformers' clamp on the mean square
 

@@ -32,11 +32,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoint import module_tree
 from ..activations.batch import encode_inputs
-from .decompose_view import DecompositionTable, plot_decomposition
-from ..probe.lens import stream_magnitudes
+from ..checkpoint import module_tree
 from ..points import split_qualified
+from ..probe.lens import stream_magnitudes
+from .decompose_view import DecompositionTable, plot_decomposition
 
 COMPONENTS = ("attn_out", "laurel_branch", "mlp_out", "ple_out")
 
@@ -273,7 +273,7 @@ def _layer_backward(layer: Any, saved: dict, i: int, covector: torch.Tensor, act
     covector on ``x`` (the layer's output before AltUp correct, ``[R, B, P, D]``)."""
     correct = saved[f"{i}.correct_coefs"].float().permute(2, 0, 1)               # [S, B, P]
     on_x = (covector * correct[None, ..., None]).sum(1)                          # [R, B, P, D]
-    dot = lambda cov, value: (cov * value.float()).sum(-1)  # noqa: E731
+    dot = lambda cov, value: (cov * value.float()).sum(-1)
     contributions = {
         "attn_out": dot(on_x, saved[f"{i}.attn_out"]) / math.sqrt(2),
         "laurel_branch": dot(on_x, saved[f"{i}.laurel_branch"]) / math.sqrt(2),

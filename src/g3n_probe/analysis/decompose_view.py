@@ -68,7 +68,7 @@ class DecompositionTable:
 def plot_decomposition(decomposition: Any, position: int = -1, row: int = 0, ax: Any = None) -> Any:
     """Every component's contribution at one position, one bar each, stacked by the AltUp stream it
     reaches the readout through; the dashed line is the total."""
-    import matplotlib.pyplot as plt   # lazy: a heavy import only the plot needs
+    import matplotlib.pyplot as plt  # lazy: a heavy import only the plot needs
 
     column = position % len(decomposition.positions)
     by_stream = decomposition.by_stream[:, :, row, column].float()           # [N, S]

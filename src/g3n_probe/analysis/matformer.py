@@ -21,10 +21,10 @@ from typing import Any, Sequence
 import torch
 
 from ..checkpoint import module_tree
-from ..checkpoint.reading import component_of
 from ..checkpoint.ple import host_resident, is_host_resident
-from ..probe.gemma3n_probe import Gemma3nProbe
+from ..checkpoint.reading import component_of
 from ..checkpoint.towers import build_text_only
+from ..probe.gemma3n_probe import Gemma3nProbe
 
 PRESETS = {"e2b": {"layers_to_skip": list(range(20, 25)), "ffn_width": 8192, "parent_layers": 35}}
 

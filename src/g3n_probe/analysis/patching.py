@@ -39,18 +39,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..checkpoint import module_tree
 from .._compat import base_skip
-from .prefix_reuse import (
-    TargetRun,
-    beyond_reach,
-    checked_reuse,
-    chunk_start,
-    run_source,
-    run_target,
-    tail,
-    token_reuse_unavailable,
-)
+from ..checkpoint import module_tree
+from ..points import BY_NAME, Point, execution_rank
 from .patching_plan import (
     Plan,
     Variant,
@@ -65,7 +56,16 @@ from .patching_plan import (
     reuse_order,
     variants,
 )
-from ..points import BY_NAME, Point, execution_rank
+from .prefix_reuse import (
+    TargetRun,
+    beyond_reach,
+    checked_reuse,
+    chunk_start,
+    run_source,
+    run_target,
+    tail,
+    token_reuse_unavailable,
+)
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -128,7 +128,7 @@ class PatchingResult:
         """One heatmap per point, layers × positions (× heads or streams where a point has that axis, its
         columns flattened position by position: every head of position 0, then of position 1, …); returns the
         matplotlib figure."""
-        import matplotlib.pyplot as plt   # lazy: a heavy import only the plot needs
+        import matplotlib.pyplot as plt  # lazy: a heavy import only the plot needs
 
         data = self.normalized() if normalized else self.values
         widest = max([len(self.column_labels(name)) for name in self.points] or [1])

@@ -32,16 +32,16 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoint import module_tree
 from .._compat import (
     CACHE_KEYWORD,
     attention_implementation,
     cached_kv,
-    kv_cache,
     keep_last_positions,
+    kv_cache,
     module_of,
     share_kv_before,
 )
+from ..checkpoint import module_tree
 from ..points import BY_NAME
 
 #: Attention implementations whose cached (queries < keys) path is tested against the full forward.

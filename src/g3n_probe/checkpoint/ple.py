@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import module_tree
 from .._compat import hook_functions
 from .._util import parse_device
+from . import module_tree
 
 
 def resolve_ple_device(ple_device: str | torch.device | None, device: torch.device) -> torch.device:

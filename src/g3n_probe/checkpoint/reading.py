@@ -82,7 +82,7 @@ def read_config(directory: Path) -> Any:
     _check_text_config(config_file, text)
     try:
         return Gemma3nConfig.from_pretrained(directory)
-    except Exception as error:  # noqa: BLE001 - transformers validates configs with several error types
+    except Exception as error:  # transformers validates configs with several error types
         raise CheckpointError(f"{config_file}: transformers rejects this Gemma 3n config: "
                               f"{type(error).__name__}: {error}") from None
 

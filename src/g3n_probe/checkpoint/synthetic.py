@@ -33,9 +33,9 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from . import module_tree
 from .._compat import set_attention_implementation
 from .._util import atomic_write
+from . import module_tree
 from .reading import TOWER_PREFIXES
 from .towers import build_text_only
 
@@ -316,7 +316,7 @@ def save_checkpoint(
             total += tensors[name].numel() * tensors[name].element_size()
             weight_map[name] = filename
         atomic_write(out / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        del tensors
+        tensors.clear()
     index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
     return out

@@ -16,8 +16,8 @@ Map:
 """
 
 from .attribute import attribute, prompt_ids
-from .intervene import Intervention, intervene
 from .graph import Graph
+from .intervene import Intervention, intervene
 from .nodes import Node
 
 __all__ = ["Graph", "Intervention", "Node", "attribute", "intervene", "prompt_ids"]

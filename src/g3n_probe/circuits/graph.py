@@ -19,6 +19,7 @@ import torch
 from . import files, viewer
 from .nodes import KINDS, Node
 
+
 def normalize(matrix: torch.Tensor) -> torch.Tensor:
     """``|matrix|`` with each row summing to 1 (rows of zeros stay zero)."""
     absolute = matrix.abs()

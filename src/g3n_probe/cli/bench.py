@@ -31,10 +31,10 @@ import torch
 
 from ..checkpoint import module_tree
 from ..checkpoint.ple import host_resident, move_except_table
-from ..points import TABLE, in_execution_order
-from ..probe.gemma3n_probe import Gemma3nProbe
 from ..checkpoint.synthetic import build_tokenizer, preset_config, random_model
 from ..checkpoint.towers import build_text_only
+from ..points import TABLE, in_execution_order
+from ..probe.gemma3n_probe import Gemma3nProbe
 
 
 def rss() -> int:
@@ -147,7 +147,7 @@ def run_bench(preset: str, device: str = "cpu", shapes: list[tuple[int, int]] | 
             entry["leak_check"] = _leak_check(probe, dev, text, leak_traces)
             print_fn(json.dumps({"variant": variant, "leak_check": entry["leak_check"]}))
         results["variants"][variant] = entry
-        del module, probe
+        module = probe = None   # one model resident at a time
     results["markdown"] = _markdown(results)
     print_fn(results["markdown"])
     if out_dir is not None:

@@ -21,16 +21,16 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from ..checkpoint import module_tree
 from ..analysis.audit import audit
-from .bench import run_bench
+from ..checkpoint import module_tree
 from ..checkpoint.reading import COMPONENTS, read_config, stored_components
-from .demo import run_demo
-from .gpu_check import run_gpu_check
+from ..checkpoint.towers import TowerNotLoadedError
 from ..hub.fetching import fetch
 from ..loading import footprint, load, resolve_device, resolve_dtype, resolve_source
 from ..points import listing
-from ..checkpoint.towers import TowerNotLoadedError
+from .bench import run_bench
+from .demo import run_demo
+from .gpu_check import run_gpu_check
 
 #: What the CLI reports as ``error: …`` with exit 2: the project's own errors about its input (bad
 #: checkpoints, files, arguments, hub answers). Anything else (a TypeError, a KeyError) is a bug and
@@ -152,10 +152,11 @@ def _print_components(console: Console, args: argparse.Namespace, directory: Pat
     for column in ("component", "stored params", "stored bytes", "loaded params", "loaded bytes", "lives on"):
         components.add_column(column, justify="right" if column not in ("component", "lives on") else "left")
     for name in COMPONENTS:
-        s, l = stored[name], plan[name]
-        note = f" ({s['absent']} tensors' shards absent)" if s["absent"] else ""
-        where = l["where"] if l["params"] else "not loaded" if s["params"] else ""
-        components.add_row(name, f"{s['params']:,}{note}", _gib(s["bytes"]), f"{l['params']:,}", _gib(l["bytes"]), where)
+        on_disk, loaded = stored[name], plan[name]
+        note = f" ({on_disk['absent']} tensors' shards absent)" if on_disk["absent"] else ""
+        where = loaded["where"] if loaded["params"] else "not loaded" if on_disk["params"] else ""
+        components.add_row(name, f"{on_disk['params']:,}{note}", _gib(on_disk["bytes"]), f"{loaded['params']:,}",
+                           _gib(loaded["bytes"]), where)
     console.print(components)
     if all(s["absent"] and not s["params"] for s in stored.values() if s["absent"] or s["params"]):
         console.print(f"weights not fetched (config only): `g3n-probe fetch {args.source}` fetches the text-only "

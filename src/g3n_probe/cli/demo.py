@@ -101,7 +101,7 @@ def _print_tables(console: Console, tokenizer: Any, prompt: str, lens: torch.Ten
 
 
 def _plot(lens: list[float], ablations: dict[str, float], final: float, token: str, out: Path) -> None:
-    import matplotlib   # lazy: a heavy import only the plot needs
+    import matplotlib  # lazy: a heavy import only the plot needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import module_tree
 from ..analysis import patching, patching_plan
-from .bench import median_time, rss, sync
+from ..analysis.decompose import decompose
+from ..checkpoint import module_tree
 from ..checkpoint.reading import (
     by_file,
     is_text_key,
@@ -32,11 +32,11 @@ from ..checkpoint.reading import (
     tensor_offsets,
     weight_map,
 )
-from ..analysis.decompose import decompose
+from ..checkpoint.synthetic import build_tokenizer, random_model, save_checkpoint
 from ..loading import load
 from ..points import BY_NAME
 from ..probe.gemma3n_probe import Gemma3nProbe
-from ..checkpoint.synthetic import build_tokenizer, random_model, save_checkpoint
+from .bench import median_time, rss, sync
 
 GIB = 1024**3
 

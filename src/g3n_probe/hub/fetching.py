@@ -181,7 +181,7 @@ def hf_cache_checkpoint(repo_id: str, revision: str | None = None) -> Path | Non
 
     try:
         path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - every failure here means "not in the cache"
+    except Exception:  # every failure here means "not in the cache"
         return None
     index = path / INDEX
     if index.exists():

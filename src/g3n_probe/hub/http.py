@@ -136,7 +136,7 @@ class HubClient:
         try:
             return self.api.model_info(self.repo_id, revision=revision, files_metadata=True,
                                        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-        except Exception as error:  # noqa: BLE001 - made plain by plain_error()
+        except Exception as error:  # made plain by plain_error()
             status = getattr(getattr(error, "response", None), "status_code", None)
             if isinstance(error, HfHubHTTPError) and isinstance(status, int) and (status == 429 or status >= 500):
                 raise Transient(f"HTTP {status}", _retry_after(error.response)) from None

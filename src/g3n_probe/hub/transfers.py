@@ -38,7 +38,6 @@ from .cache_layout import (
 from .http import FetchError, HubClient, Listing, Transient, wait_or_give_up
 
 
-
 @dataclass
 class FilePlan:
     """A local file as ``prefix`` followed by byte ranges of one remote file, in order; or, when an

@@ -10,6 +10,7 @@ Inside the package, bottom up: `undo`, `stacks` → `hookpoint` → `methods` �
 → `table` → `injection`.
 """
 
+from .attention import AttentionWeights
 from .hookpoint import HookPoint, serve
 from .injection import Injection, InjectionError, inject
 from .methods import MethodRoute, method_route
@@ -29,7 +30,6 @@ from .routes import (
     View,
     rekeep_arguments,
 )
-from .attention import AttentionWeights
 from .stacks import PointWriteError, StreamBatcher, batch_dim, check_write, checked_stream, mark_stack
 from .table import (
     BY_NAME,

@@ -29,7 +29,6 @@ from .hookpoint import HookPoint, serve
 from .routes import Route
 from .undo import DeleteAttribute, set_plain
 
-
 _MODE_ATTR = "_g3n_pattern_mode"
 
 

@@ -17,7 +17,6 @@ from .._compat import has_hooks, is_traced
 from .stacks import check_write, mark_stack
 
 
-
 class HookPoint(nn.Module):
     """An identity module that makes a value a named, hookable, writable place.
 

@@ -13,8 +13,8 @@ from typing import Sequence
 
 from torch import nn
 
-from ..checkpoint import module_tree
 from .._compat import child_modules
+from ..checkpoint import module_tree
 from .hookpoint import HookPoint
 from .methods import ReleaseRoute
 from .table import LAYER, STACK_ROWS, TABLE, Point

@@ -30,13 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import module_tree
 from .._compat import child_modules, is_traced, tensor_version
+from ..checkpoint import module_tree
 from .hookpoint import HookPoint, serve
 from .methods import MethodRoute, method_route
 from .stacks import check_write, mark_stack
 from .undo import RemoveTap
-
 
 
 class Route:

@@ -21,8 +21,6 @@ from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.tracer import InterleavingTracer
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
-from ..checkpoint import module_tree
-from . import tl
 from .._compat import (
     ModelOnlyPipeline,
     ProbeModelBase,
@@ -34,9 +32,11 @@ from .._compat import (
     unwrap_module,
 )
 from ..activations.batch import ActivationCache, collect, encode_inputs
-from .lens import LogitLensTable, mask_non_text, readout, text_vocabulary_mask
-from ..points import POINTS, HookPoint, Injection, StreamBatcher, inject, rekeep_arguments
+from ..checkpoint import module_tree
 from ..checkpoint.towers import TOWERS, TowerStub, materialize
+from ..points import POINTS, HookPoint, Injection, StreamBatcher, inject, rekeep_arguments
+from . import tl
+from .lens import LogitLensTable, mask_non_text, readout, text_vocabulary_mask
 
 
 class PointEnvoy(Envoy):
@@ -297,7 +297,7 @@ class Gemma3nProbe(ProbeModelBase):
                 readouts = [mask_non_text(module_of(self), r, mask=mask) for r in readouts]
             probs = torch.stack([r[0, columns].float().softmax(-1) for r in readouts])  # [rows, positions, V]
             top_p, top_i = probs.topk(k, dim=-1)
-        decode = lambda t: self.tokenizer.decode([int(t)])  # noqa: E731
+        decode = lambda t: self.tokenizer.decode([int(t)])
         top = [[[(decode(i), float(p)) for p, i in zip(top_p[r, c], top_i[r, c])] for c in range(len(columns))]
                for r in range(len(readouts))]
         return LogitLensTable(tokens=[decode(ids[0, c]) for c in columns], rows=[str(i) for i in range(layers)] + ["model"],
@@ -333,12 +333,12 @@ class Gemma3nProbe(ProbeModelBase):
         return tl.test_prompt(self, prompt, answer, prepend_space_to_answer, print_details, prepend_bos, top_k)
 
     @property
-    def W_E(self) -> torch.Tensor:  # noqa: N802 (TransformerLens' name)
+    def W_E(self) -> torch.Tensor:  # TransformerLens' name
         """The token embedding ``[V, D]``: the stock weight itself (looked up ×√D: ``embed`` = ``W_E[ids]·√D``)."""
         return tl.embedding(self)
 
     @property
-    def W_U(self) -> torch.Tensor:  # noqa: N802 (TransformerLens' name)
+    def W_U(self) -> torch.Tensor:  # TransformerLens' name
         """The unembedding ``[D, V]``: a view of the stock ``lm_head`` weight (tied to ``W_E``)."""
         return tl.unembedding(self)
 
