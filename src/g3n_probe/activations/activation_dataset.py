@@ -61,6 +61,9 @@ class ActivationDataset(Dataset):
         self.manifest = _read_manifest(self.directory)
         self.key, self.row = _resolve_point(self.manifest, point, self.directory)
         self.stream = checked_stream(stream, self.row.stack, f"{self.key} {self.row.shape}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch dtype (rows are cast to it, never quantised); "
+                            f"got {dtype!r}")
         self.dtype = dtype
         self.rank, self.world = _ranks(ranks)
         self.shards = rank_shards(int(self.manifest["texts"]), int(self.manifest["batch_size"]), self.rank, self.world)

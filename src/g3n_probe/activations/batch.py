@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -87,13 +87,112 @@ def _filtered(model: Any, names_filter: Callable[[str], bool], selected: list[in
     return kept
 
 
+_INPUT_FORMS = ("a text, a list of texts, token ids (an integer tensor [T] or [B, T], a list of ids or a list of "
+                "id lists of one length), or a tokenizer's output (a dict or BatchEncoding with input_ids and, "
+                "optionally, attention_mask)")
+_IGNORED_KEYS = frozenset({"token_type_ids"})   # a tokenizer's output for text: all zeros, nothing to honour
+
+
 def encode_inputs(model: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one input resolver of every entry point (``cache``, `decompose`, ``patching.sweep``/``attribution``,
+    ``logit_lens``): token ids ``[B, T]`` and the attention mask (None where every token is real and none was
+    given).
+
+    Accepted: a text or a list/tuple of texts (tokenized, padded on the tokenizer's side, mask kept); token
+    ids as an integer tensor ``[T]``/``[B, T]``, a list of ints or a list of equally long id lists; a dict or
+    ``BatchEncoding`` with ``input_ids`` (any of those id forms) and optionally ``attention_mask`` (honoured,
+    same shape). Anything else is a `TypeError`; an empty input (``[]``, ``""``, no tokens) a `ValueError`.
+    """
+    if isinstance(inputs, Mapping):
+        return _from_mapping(model, inputs)
+    if isinstance(inputs, str):
+        return _tokenize(model, [inputs])
     if isinstance(inputs, torch.Tensor):
-        ids = inputs if inputs.dim() == 2 else inputs[None]
-        return ids, None
-    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        return _id_tensor(inputs), None
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) == 0:
+            raise ValueError(f"the input is empty ({inputs!r}): give {_INPUT_FORMS}")
+        if all(isinstance(item, str) for item in inputs):
+            return _tokenize(model, list(inputs))
+        return _id_lists(inputs), None
+    raise TypeError(f"an input of type {type(inputs).__name__} is not understood: give {_INPUT_FORMS}")
+
+
+def _tokenize(model: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = [i for i, text in enumerate(texts) if not text]
+    if empty:
+        where = "" if len(texts) == 1 else f" (texts {empty})"
+        raise ValueError(f"the input text is empty (''){where}: give at least one character of text, or token ids")
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer, so it takes token ids (an integer tensor [batch, tokens]), "
+                         "not text: pass tokenizer=... to g3n.load or Gemma3nProbe")
     encoded = model.tokenizer(texts, return_tensors="pt", padding=True)
     return encoded["input_ids"], encoded["attention_mask"]
+
+
+def _id_tensor(ids: torch.Tensor, what: str = "token ids") -> torch.Tensor:
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{what} as an input must be an integer tensor; got {ids.dtype}: give {_INPUT_FORMS}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"{what} must be [T] or [B, T]; got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{what} are empty (shape {tuple(ids.shape)}): give at least one token")
+    return (ids if ids.dim() == 2 else ids[None]).long()
+
+
+def _is_id(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _id_lists(items: Any, what: str = "token ids") -> torch.Tensor:
+    """A list of ints (one sequence) or of equally long id lists/tensors (rows) as ``[B, T]``."""
+    if len(items) == 0:
+        raise ValueError(f"the input is empty ({items!r}): give {_INPUT_FORMS}")
+    if all(_is_id(item) for item in items):
+        return torch.tensor([list(items)], dtype=torch.long)
+    rows = []
+    for row in items:
+        if isinstance(row, torch.Tensor) and row.dim() == 1 and not (row.is_floating_point() or row.dtype == torch.bool):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)) or not all(_is_id(t) for t in row):
+            raise TypeError(f"a list input holds texts, ids or id lists, all of one kind; found "
+                            f"{type(row).__name__} {row!r:.40} among them: give {_INPUT_FORMS}")
+        rows.append(list(row))
+    lengths = sorted({len(row) for row in rows})
+    if lengths == [0]:
+        raise ValueError(f"the id lists are empty ({items!r}): give at least one token")
+    if len(lengths) > 1:
+        raise ValueError(f"{what}: the id lists have different lengths ({[len(r) for r in rows]}); pad them and give "
+                         "a dict with input_ids and attention_mask (or a tokenizer's output)")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _from_mapping(model: Any, inputs: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
+    keys = list(inputs.keys())
+    if "input_ids" not in inputs:
+        raise TypeError(f"a dict input needs 'input_ids' (a tokenizer's output); it has {keys}")
+    other = [k for k in keys if k not in ("input_ids", "attention_mask") and k not in _IGNORED_KEYS]
+    if other:
+        raise TypeError(f"a dict input may hold input_ids and attention_mask; {other} cannot be honoured here")
+    raw = inputs["input_ids"]
+    if isinstance(raw, torch.Tensor):
+        ids = _id_tensor(raw, "input_ids")
+    elif isinstance(raw, (list, tuple)):
+        ids = _id_lists(raw, "input_ids")
+    else:
+        raise TypeError(f"input_ids must be token ids (a tensor or lists of ints); got {type(raw).__name__}")
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return ids, None
+    mask = torch.as_tensor(mask)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.is_floating_point() or tuple(mask.shape) != tuple(ids.shape) or bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"attention_mask must be 0/1 of the shape of input_ids {tuple(ids.shape)}; got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    if not bool(mask.any(1).all()):
+        raise ValueError("attention_mask masks every token of a row: each row needs at least one real token")
+    return ids, mask.long().to(ids.device)
 
 
 def estimate_bytes(model: Any, resolved: list, batch: int, tokens: int, positions: Sequence[int] | None,
@@ -124,6 +223,9 @@ def collect(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int
         bad = [p for p in positions if not -tokens <= p < tokens]
         if bad:
             raise ValueError(f"positions {bad} fall outside the sequence of {tokens} tokens")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch dtype (values are cast to it, never quantised); "
+                        f"got {dtype!r}")
     dtype = dtype or model.hf_model.dtype
     sizes = estimate_bytes(model, resolved, batch, tokens, positions, dtype)
     total = sum(sizes.values())

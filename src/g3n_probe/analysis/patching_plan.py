@@ -74,11 +74,9 @@ def _encode_side(model: Any, prompts: Any, side: str) -> torch.Tensor:
     """[K, T] token ids of one side: a text, a list of K texts of one length in tokens, or ids [T] / [K, T]."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() not in (1, 2):
         raise ValueError(f"{side} token ids must be [T] or [K, T] (K prompt pairs); got shape {tuple(prompts.shape)}")
-    if not isinstance(prompts, (str, torch.Tensor)):
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError(f"{side} is an empty list of prompts: give at least one")
-    ids, mask = encode_inputs(model, prompts)
+    if isinstance(prompts, (list, tuple)) and not prompts:
+        raise ValueError(f"{side} is an empty list of prompts: give at least one")
+    ids, mask = encode_inputs(model, prompts)   # texts, ids, or a tokenizer's output (its mask honoured)
     if mask is not None and not bool(mask.all()):
         lengths = mask.sum(1).tolist()
         raise ValueError(f"the {side} texts have unequal lengths in tokens ({lengths}): every prompt of a sweep must "

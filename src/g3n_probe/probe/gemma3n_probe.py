@@ -282,12 +282,12 @@ class Gemma3nProbe(ProbeModelBase):
             raise ValueError("logit_lens names tokens, so it needs a tokenizer: pass tokenizer=... to g3n.load or "
                              "Gemma3nProbe (model.lens(stack) gives the logits without one)")
         layers = self.text_config.num_hidden_layers
+        ids, mask = encode_inputs(self, prompt)
         stacks = []
-        with torch.no_grad(), self.trace(prompt):
+        with torch.no_grad(), self.trace(ids if mask is None else {"input_ids": ids, "attention_mask": mask}):
             for i in range(layers):
                 stacks.append(self.layers[i].output.save())
             logits = self.logits.output.save()
-        ids = encode_inputs(self, prompt)[0]
         length = ids.shape[-1]
         columns = list(range(length)) if positions is None else [p % length for p in positions]
         with torch.no_grad():

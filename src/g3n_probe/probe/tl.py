@@ -26,7 +26,11 @@ def to_tokens(model: Any, input: Any, prepend_bos: bool | None = True, padding_s
     """Token ids ``[batch, pos]`` for a string or a list of strings (padded on the tokenizer's side, or
     ``padding_side``). ``prepend_bos=False`` leaves Gemma's ``<bos>`` out."""
     tokenizer = _tokenizer(model)
-    texts = [input] if isinstance(input, str) else list(input)
+    texts = [input] if isinstance(input, str) else list(input) if isinstance(input, (list, tuple)) else None
+    if texts is None or not all(isinstance(text, str) for text in texts):
+        raise TypeError(f"to_tokens takes a string or a list of strings; got {type(input).__name__}")
+    if not texts:
+        raise ValueError("to_tokens got an empty list: give at least one string")
     side = tokenizer.padding_side
     if padding_side is not None:
         tokenizer.padding_side = padding_side
