@@ -219,6 +219,23 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def interleaving(envoy: Envoy) -> bool:
+    """Whether ``envoy``'s model is running a trace now (the caller is inside its body)."""
+    return bool(envoy.interleaver.interleaving)
+
+
+def forward_hooks(module: torch.nn.Module) -> list[tuple[int, Callable, str]]:
+    """``(handle id, function, "forward hook" | "forward pre-hook")`` for every torch forward hook on ``module``."""
+    return [(key, fn, "forward hook") for key, fn in module._forward_hooks.items()] + \
+        [(key, fn, "forward pre-hook") for key, fn in module._forward_pre_hooks.items()]
+
+
+def global_forward_hooks() -> list[Callable]:
+    """The process-wide forward hooks and pre-hooks (``register_module_forward_hook`` and friends)."""
+    from torch.nn.modules import module as torch_module
+    return [*torch_module._global_forward_hooks.values(), *torch_module._global_forward_pre_hooks.values()]
+
+
 def hook_functions(module: torch.nn.Module) -> list[Callable]:
     """The forward hooks registered on ``module``, in order."""
     return list(module._forward_hooks.values())

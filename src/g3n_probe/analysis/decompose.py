@@ -26,12 +26,15 @@ writes at the chosen positions, then O(L·S²·D) per position — no stack is p
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
+from .._compat import forward_hooks, global_forward_hooks
 from ..activations.batch import encode_inputs
 from ..checkpoint import module_tree
 from ..points import split_qualified
@@ -162,6 +165,61 @@ def _where(at: str | None, layers: int) -> tuple[int, str] | None:
     if not -layers <= layer < layers:
         raise ValueError(f"at={at!r}: this model has layers 0..{layers - 1}")
     return layer % layers, side
+
+
+# ---- what the model runs --------------------------------------------------------------------------------
+
+# The text model's inputs: every value decompose reads is computed after these, so a hook on them (the host
+# table's device moves, a user's edit of the embedding) is part of what the decomposition sees.
+_UPSTREAM = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
+
+
+def _hook_name(fn: Any) -> str:
+    if isinstance(fn, functools.partial):
+        held = fn.args[0] if fn.args else None
+        where = getattr(held, "where", None)
+        if where is not None:
+            return f"an SAE splice at {where} without its error term (error=False)"
+        fn = fn.func
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _keeps_value(fn: Any) -> bool:
+    """A splice with its error term: unless a trace writes its features, the value passes bit for bit."""
+    held = fn.args[0] if isinstance(fn, functools.partial) and fn.args else None
+    return bool(getattr(held, "keeps_value", False))
+
+
+def changing_hooks(model: Any) -> list[str]:
+    """Torch hooks that could make the model run on other values than the points hand out (a point's value is
+    produced before the torch hooks on the modules that carry it): every hook on the root, the text model,
+    its layers, final norm and AltUp projections, the lm_head and the points that `inject` did not put there,
+    except a splice with its error term. Named as ``"<module path>: <hook> (forward hook)"``."""
+    injection = model.injection
+    ours = {record.id for record in injection.attached if isinstance(record, RemovableHandle)}
+    text = injection.text_model
+    upstream = {id(m) for name in _UPSTREAM if hasattr(text, name) for m in getattr(text, name).modules()}
+    relevant = {id(m) for m in text.modules()} - upstream
+    relevant |= {id(model.hf_model)} | ({id(model.hf_model.lm_head)} if hasattr(model.hf_model, "lm_head") else set())
+    found = [f"a process-wide torch hook: {_hook_name(fn)}" for fn in global_forward_hooks()]
+    for path, module in model.hf_model.named_modules():
+        if id(module) not in relevant:
+            continue
+        for key, fn, kind in forward_hooks(module):
+            if key not in ours and not _keeps_value(fn):
+                found.append(f"{path or '(the model itself)'}: {_hook_name(fn)} ({kind})")
+    return found
+
+
+def _refuse_changing_hooks(model: Any) -> None:
+    found = changing_hooks(model)
+    if found:
+        listed = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ValueError(
+            f"decompose reads each component where the model produces it, before the torch hooks on it, so a hook "
+            f"that changes a value would make the components sum to something the model did not run: {listed}. "
+            "Remove the hook (handle.remove()) or leave the `spliced` block, or splice with error=True (the value "
+            "then passes unchanged), and decompose again")
 
 
 # ---- the one trace -------------------------------------------------------------------------------------
@@ -353,6 +411,7 @@ def _decompose(model: Any, inputs: Any, target: Any, positions: Sequence[int] | 
     ids, mask = encode_inputs(model, inputs)
     layers = model.text_config.num_hidden_layers
     where = _where(at, layers)
+    _refuse_changing_hooks(model)
     if where is None and not hasattr(model.hf_model, "lm_head"):
         raise ValueError(f"{type(model.hf_model).__name__} has no lm_head: decompose a stack with at= instead")
     chosen = _positions(positions, ids.shape[1])

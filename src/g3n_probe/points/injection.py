@@ -39,6 +39,8 @@ class Injection:
         stateful: per-forward state holders besides the points (the layer stacks' guards).
         attached: the detach records, in the order they were made.
         served: id(tensor) -> the point that served it in the current trace (for ``.grad`` errors).
+        pending: what was attached for one forward (a splice made in a trace) and comes off when it ends; `remove`
+            takes it off too, should that forward never come.
     """
 
     root: nn.Module
@@ -48,6 +50,7 @@ class Injection:
     stateful: list = field(default_factory=list)
     attached: list = field(default_factory=list)
     served: dict[int, HookPoint] = field(default_factory=dict)
+    pending: list = field(default_factory=list)
 
     @staticmethod
     def of(model: nn.Module) -> Injection | None:
@@ -86,6 +89,8 @@ class Injection:
 
     def remove(self) -> None:
         """Detach everything, in reverse order. The model is then exactly as before `inject`."""
+        while self.pending:
+            self.pending.pop().remove()
         while self.attached:
             self.attached.pop().remove()
         for point in self.points.values():

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
-from .._compat import add_envoy, module_of, remove_envoy, tensor_version
-from ..points import BY_NAME, HookPoint, checked_stream, mark_stack, split_qualified
+from .._compat import add_envoy, interleaving, module_of, remove_envoy, tensor_version
+from ..points import BY_NAME, HookPoint, Injection, checked_stream, mark_stack, split_qualified
 
 
 class FeaturePoint(nn.Module):
@@ -145,6 +145,11 @@ class Splice(nn.Module):
         y = self.coder.decode(f.reshape(-1, f.shape[-1]))
         return y.reshape(target.shape).to(device=target.device, dtype=target.dtype)
 
+    @property
+    def keeps_value(self) -> bool:
+        """With the error term on and nothing written, the value passes bit for bit (`decompose` relies on it)."""
+        return self.error is not None
+
     def extra_repr(self) -> str:
         stream = "" if self.stream is None else f", stream {self.stream}"
         return f"{self.where}{stream}, error term {'on' if self.error is not None else 'off'}"
@@ -235,10 +240,15 @@ class Attached:
     envoy: Any
     handles: list
 
+    pending: list | None = None   # the injection's list of one-forward attachments, while this is on it
+
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()
         remove_envoy(self.site.envoy, self.site.child)
+        if self.pending is not None:
+            self.pending[:] = [attached for attached in self.pending if attached is not self]
+            self.pending = None
 
 
 def attach(site: Site, sae: Any, error: bool = True, stream: int | None = None) -> Attached:
@@ -264,6 +274,7 @@ def splice(point: Any, sae: Any, error: bool = True, stream: int | None = None) 
     stack; ``stream=k`` for one stream). Call it before the trace reads the point: the splice acts from the
     point's next value on and comes off when the model's forward ends (for ``generate``, or several traces,
     use `spliced`)."""
+    _inside_a_trace(point, "splice")
     attached = attach(site_of_envoy(point), sae, error=error, stream=stream)
     _for_one_forward(attached)
     return attached.envoy
@@ -277,9 +288,12 @@ def splice_transcoder(layer: Any, transcoder: Any, error: bool = True) -> Any:
     if isinstance(module, Gemma3nTextDecoderLayer):
         mlp = layer.mlp
     else:
-        mlp, module = layer, module_of(layer.parent)
-    if not isinstance(module, Gemma3nTextDecoderLayer):
-        raise TypeError("splice_transcoder takes a layer's envoy (model.layers[i]) or its MLP's (model.layers[i].mlp)")
+        owner = module_of(layer.parent) if getattr(layer, "parent", None) is not None else None
+        if not isinstance(owner, Gemma3nTextDecoderLayer) or module is not owner.mlp:
+            raise TypeError("splice_transcoder takes a layer's envoy (model.layers[i]) or its MLP's (model.layers[i].mlp), "
+                            f"not {type(module).__name__}: a transcoder reads the MLP's input and stands in for its output")
+        mlp, module = layer, owner
+    _inside_a_trace(layer, "splice_transcoder")
     name = f"layers.{module.layer_idx}.mlp"
     attached = attach(Site(name, module_of(mlp), mlp, "across", False), transcoder, error=error)
     _for_one_forward(attached)
@@ -306,6 +320,14 @@ def spliced_transcoder(model: Any, layer: int, transcoder: Any, error: bool = Tr
         yield envoy
 
 
+def _inside_a_trace(envoy: Any, what: str) -> None:
+    """`splice` acts on the forward of the trace it is called in; outside one it would splice the next forward of
+    whatever code runs the model. Refused (before anything is attached)."""
+    if not interleaving(envoy):
+        raise RuntimeError(f"{what} works inside a trace (with model.trace(...): ...), for that trace's forward; "
+                           "outside one, use `with g3n.sae.spliced(model, name, sae):` for every forward inside the block")
+
+
 def _for_one_forward(attached: Attached) -> None:
     """Take ``attached`` off when the model's forward ends, however it ends."""
     envoy = attached.site.envoy
@@ -313,3 +335,7 @@ def _for_one_forward(attached: Attached) -> None:
         envoy = envoy.parent
     hook = functools.partial(_remove_after_forward, attached)
     attached.handles.append(module_of(envoy).register_forward_hook(hook, always_call=True))
+    injection = Injection.of(module_of(envoy))
+    if injection is not None:   # released with the model (`Gemma3nProbe.release`) should that forward never come
+        attached.pending = injection.pending
+        injection.pending.append(attached)
