@@ -265,3 +265,23 @@ def test_a_frozen_intervention_moves_every_target_by_the_graphs_prediction(probe
     assert worst < 1e-4 * (float(predicted.abs().max()) + 1e-6)
     free = intervene(probe, PROMPT, transcoders, edit, frozen=False, tokens=tokens)
     assert not torch.equal(free.logit_change, torch.zeros_like(free.logit_change))
+
+
+def test_a_tokenizers_output_is_the_prompt_it_holds(probe, transcoders):
+    ids = PROMPT[:, :6]
+    by_ids = attribute(probe, ids, transcoders)
+    by_dict = attribute(probe, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, transcoders)
+    assert torch.equal(by_ids.adjacency, by_dict.adjacency)
+    with pytest.raises(ValueError, match="unpadded"):
+        attribute(probe, {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1]])}, transcoders)
+
+
+def test_a_graph_too_large_to_hold_is_refused_with_what_it_needs(probe, transcoders, monkeypatch):
+    import psutil
+
+    class Tiny:
+        available = 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    with pytest.raises(MemoryError, match="GiB"):
+        attribute(probe, PROMPT, transcoders)

@@ -18,6 +18,7 @@ only the path through the four streams.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,15 @@ def _checked(max_logits: Any, logit_probability: Any, max_feature_nodes: Any, ba
 
 
 def prompt_ids(model: Any, inputs: Any) -> torch.Tensor:
-    """One prompt as ids ``[1, T]``: a string (tokenized with its BOS) or ids ``[T]`` / ``[1, T]`` / a list."""
+    """One prompt as ids ``[1, T]``: a string (tokenized with its BOS), ids ``[T]`` / ``[1, T]`` / a list, or a
+    tokenizer's output (a dict or ``BatchEncoding`` with ``input_ids`` of one row and no padding)."""
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise TypeError(f"a mapping prompt needs 'input_ids' (a tokenizer's output); got keys {sorted(inputs)}")
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise ValueError("attribute takes one unpadded prompt: this attention_mask masks tokens out")
+        inputs = torch.as_tensor(inputs["input_ids"])
     if isinstance(inputs, str):
         if model.tokenizer is None:
             raise ValueError("the prompt is a string: this model has no tokenizer (pass token ids [1, T])")

@@ -33,9 +33,11 @@ from ..checkpoint.reading import (
     weight_map,
 )
 from ..checkpoint.synthetic import build_tokenizer, random_model, save_checkpoint
+from ..circuits import attribute
 from ..loading import load
 from ..points import BY_NAME
 from ..probe.gemma3n_probe import Gemma3nProbe
+from ..sae.transcoders import Transcoder
 from .bench import median_time, rss, sync
 
 GIB = 1024**3
@@ -71,7 +73,11 @@ LOAD_MEMORY = Target("G5", "host memory the load added (peak RSS − RSS before)
 SWEEP = Target("G6", "patches/s, patching sweep / one stock forward per patch with a plain torch hook", 20.0, "×",
                at_least=True)
 DECOMPOSE = Target("G7", "g3n.decompose of a logit difference at every position / a traced forward, time", 3.0, "×")
-TARGETS = (RESIDENT, PEAK, INJECTED, ALL_SAVED, HOST_TABLE, LOAD_TIME, READ_TIME, LOAD_MEMORY, SWEEP, DECOMPOSE)
+GRAPH_TIME = Target("G8", "g3n.attribute, T64, 16k-latent transcoders at every layer (7500 feature nodes), seconds",
+                    60.0, "s")
+GRAPH_MEMORY = Target("G8", "g3n.attribute as above, peak accelerator memory", 24.0, "GiB")
+TARGETS = (RESIDENT, PEAK, INJECTED, ALL_SAVED, HOST_TABLE, LOAD_TIME, READ_TIME, LOAD_MEMORY, SWEEP, DECOMPOSE,
+           GRAPH_TIME, GRAPH_MEMORY)
 
 
 def targets_markdown() -> str:
@@ -109,6 +115,12 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
     if "decompose" in results:
         figures = results["decompose"]
         rows.append(DECOMPOSE.judge(figures["time_ratio"], f"B1×T{figures['tokens']}"))
+    if "graph" in results:
+        figures = results["graph"]
+        shape = f"T{figures['tokens']}, {figures['width']} latents, {figures['features']} feature nodes"
+        rows.append(GRAPH_TIME.judge(figures["seconds"], shape))
+        if figures["peak_bytes"]:
+            rows.append(GRAPH_MEMORY.judge(figures["peak_bytes"] / GIB, shape))
     if "host_rss_added_bytes" in load_figures:
         rows.append(LOAD_MEMORY.judge(load_figures["host_rss_added_bytes"] / (load_figures["host_table_bytes"] + GIB)))
     return rows
@@ -310,6 +322,28 @@ def measure_decompose(model: Any, tokens: int, repeats: int, measure: Callable |
     return result
 
 
+def measure_graph(model: Any, tokens: int, width: int, k: int, max_feature_nodes: int) -> dict[str, Any]:
+    """G8: one `g3n.attribute` of a random prompt with random TopK transcoders (``width`` latents, ``k`` active)
+    at every layer, keeping ``max_feature_nodes`` features: seconds and peak device memory (0 on CPU)."""
+    config = model.text_config
+    device = next(model.hf_model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    d = config.hidden_size
+    transcoders = {layer: Transcoder(torch.randn(width, d, generator=gen) / d ** 0.5,
+                                     torch.randn(width, d, generator=gen) * 0.02, torch.zeros(width), torch.zeros(d),
+                                     k=k, layer=layer).to(device) for layer in range(config.num_hidden_layers)}
+    ids = torch.randint(3, config.vocab_size_per_layer_input, (1, tokens), generator=gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    graph = attribute(model, ids, transcoders, max_feature_nodes=max_feature_nodes)
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"tokens": tokens, "width": width, "k": k, "features": len(graph.of_kind("feature")), "seconds": seconds,
+            "peak_bytes": peak}
+
+
 def check_markdown(rows: list[dict[str, Any]], device_name: str) -> str:
     lines = [f"GPU check on {device_name}", "", "| target | what | measured | limit | |", "|---|---|---|---|---|"]
     for row in rows:
@@ -342,6 +376,9 @@ def run_gpu_check(preset: str, device: str, out: Path, results: dict, print_fn: 
                                            layers=[before_reuse // 3, 2 * before_reuse // 3])
     print_fn("decompose: g3n.decompose vs a traced forward ...")
     results["decompose"] = measure_decompose(probe, tokens=512 if on_gpu else 64, repeats=3)
+    print_fn("attribution graph: g3n.attribute with transcoders at every layer ...")
+    results["graph"] = measure_graph(probe, tokens=64 if on_gpu else 16, width=16384 if on_gpu else 256,
+                                     k=32 if on_gpu else 8, max_feature_nodes=7500 if on_gpu else 200)
     del module, probe
     rows = check_targets(results)
     text = check_markdown(rows, results["device"])
