@@ -140,7 +140,7 @@ def evaluate(model: Any, texts: Sequence[str], point: str, sae: Any, *, stream: 
         handles = [splice.register_forward_pre_hook(functools.partial(_capture_target, stats, splice)),
                    splice.features.register_forward_hook(functools.partial(_capture_features, stats, splice))]
         try:
-            clean = _loss(model, batches, [splice], stats)
+            clean = _loss(model, batches, [splice], [stats])
         finally:
             for handle in handles:
                 handle.remove()
@@ -181,18 +181,18 @@ def _batches(model: Any, texts: Sequence[str], batch_size: int, include_bos: boo
     return out
 
 
-def _loss(model: Any, batches: list[Batch], splices: Sequence[Any] = (), stats: Any = None) -> float:
+def _loss(model: Any, batches: list[Batch], splices: Sequence[Any] = (), stats: Sequence[Any] = ()) -> float:
     """Mean next-token cross-entropy over the predictions made at counted positions (`Batch.counted`) of
     real next tokens, positions counted from each text's first token. Each of ``splices`` is told the
-    positions to splice (``Splice.keep``) for the batch; ``stats`` (when given) which rows count."""
+    positions to splice (``Splice.keep``) for the batch, and each of ``stats`` which rows count."""
     hf = model.hf_model
     total, count = 0.0, 0
     try:
         with torch.no_grad():
             for batch in batches:
                 ids, mask = batch.ids, batch.attention
-                if stats is not None:
-                    stats.mask = batch.counted
+                for running in stats:
+                    running.mask = batch.counted
                 for splice in splices:
                     splice.keep = batch.counted
                 device = hf.device

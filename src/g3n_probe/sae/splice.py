@@ -53,9 +53,6 @@ class Dense:
             if not callable(getattr(sae, name, None)):
                 raise TypeError(f"{type(sae).__name__} has no {name}(): an SAE needs encode(x) -> features and "
                                 "decode(features) -> x")
-        if getattr(getattr(sae, "cfg", None), "skip_connection", False):
-            raise ValueError("this sparsify coder has a skip connection (its output depends on x beyond the "
-                             "features): splicing it is not supported; train with skip_connection=False")
         self.sae = sae
         self.sparse = False
 
@@ -82,6 +79,15 @@ class Dense:
         width = getattr(self.sae, "num_latents", None) or self.sae.W_dec.shape[0]
         return acts.new_zeros(*acts.shape[:-1], width).scatter(-1, indices, acts)
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A skip coder's affine path on ``x [N, D]`` (``x · W_skipᵀ``: a `Transcoder`'s ``skip``, a sparsify
+        coder's ``W_skip``), or None."""
+        own = getattr(self.sae, "skip", None)
+        if callable(own):
+            return own(x)
+        weight = getattr(self.sae, "W_skip", None)
+        return None if weight is None else x.to(weight.dtype) @ weight.mT
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         if self.sparse:
             return f.to(self.sae.W_dec.dtype) @ self.sae.W_dec + self.sae.b_dec
@@ -104,13 +110,25 @@ class Splice(nn.Module):
         self.stream = stream
         self.stack = stack
         self.where = where
+        self.keep: torch.Tensor | None = None
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.stream is None:
-            return self._through(source, target)
+            return self._kept(self._through(source, target), target)
         k = self.stream
-        spliced = self._through(source[k], target[k])
+        spliced = self._kept(self._through(source[k], target[k]), target[k])
         return torch.cat([target[:k], spliced[None], target[k + 1:]])
+
+    def _kept(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """With a position mask ``keep`` ``[B, T]`` set (what evaluation sets: the `<bos>` rule, see
+        `g3n_probe.sae.tokens`), the value passes through unchanged where it is False."""
+        keep = self.keep
+        if keep is None:
+            return out
+        if tuple(keep.shape) != tuple(target.shape[-3:-1]):
+            raise ValueError(f"{self.where}: the splice's position mask is {list(keep.shape)}; the value's batch and "
+                             f"token axes are {list(target.shape[-3:-1])}")
+        return torch.where(keep.to(target.device)[..., None], out, target)
 
     def _through(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         coder = self.coder
@@ -123,26 +141,31 @@ class Splice(nn.Module):
             mark_stack(handed)
         version = tensor_version(handed)
         got = self.features(handed)
-        y = self._decode(got, target)
+        skip = coder.skip(flat.detach() if self.error is not None else flat)
+        y = self._decode(got, target, skip)
         if self.error is None:
             return y
         if got is handed and tensor_version(handed) == version:
             reconstruction = y.detach()  # nothing written: decode(f') is decode(f), bit for bit
         else:
             with torch.no_grad():
-                reconstruction = self._decode(f, target)
+                reconstruction = self._decode(f, target, skip)
         error = target - reconstruction
         handed_error = error.clone()
         if self.stack and self.stream is None:
             mark_stack(handed_error)
         return target + (y - reconstruction) + (self.error(handed_error) - error)
 
-    def reconstruct(self, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``decode(f)`` shaped and typed as ``target`` (the value, or the stream of it, the SAE stands in for)."""
-        return self._decode(f, target)
+    def reconstruct(self, f: torch.Tensor, target: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """``decode(f)`` shaped and typed as ``target`` (the value, or the stream of it, the SAE stands in for);
+        a skip coder adds its affine path on ``source``."""
+        skip = None if source is None else self.coder.skip(self.coder.prepare(source.reshape(-1, source.shape[-1])))
+        return self._decode(f, target, skip)
 
-    def _decode(self, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _decode(self, f: torch.Tensor, target: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         y = self.coder.decode(f.reshape(-1, f.shape[-1]))
+        if skip is not None:
+            y = y + skip
         return y.reshape(target.shape).to(device=target.device, dtype=target.dtype)
 
     @property

@@ -13,7 +13,8 @@ checkpoints and DDP. The glue here is what a Gemma 3n point needs beyond that, a
   loss through the model, writes that stream back); a stack without ``stream=`` is refused.
 - **texts**: sparsify takes equal-length token chunks. `train` tokenizes the texts (each with its BOS), packs
   and chunks them, shuffles the chunks (seeded; sparsify does not), gives each ``torchrun`` rank its share, and
-  leaves BOS and padding tokens out of training (sparsify's ``exclude_tokens``).
+  leaves padding and (unless ``include_bos=True``) ``<bos>`` out of training (sparsify's ``exclude_tokens``;
+  the package's one ``<bos>`` rule, `g3n_probe.sae.tokens`).
 - the averaged weights: sparsify's schedule-free optimizer keeps the weights it evaluates separate from the ones
   it steps; the returned SAE is sparsify's own final checkpoint, which has the averaged ones.
 """
@@ -37,6 +38,7 @@ from .._compat import remove_child
 from .._util import rank_world
 from ..points import mark_stack
 from .splice import Site, site_of
+from .tokens import excluded_ids
 
 
 @dataclass
@@ -75,7 +77,7 @@ def sparsify_module() -> Any:
 def train(model: Any, texts: Sequence[str] | torch.Tensor, point: str, *, stream: int | None = None, transcoder: bool = False,
           expansion_factor: int = 4, num_latents: int = 0, k: int = 16, ctx_len: int = 128, batch_size: int = 8,
           lr: float | None = None, seed: int = 0, save_dir: str | os.PathLike | None = None, progress: bool = True,
-          **config: Any) -> Trained:
+          include_bos: bool = False, **config: Any) -> Trained:
     """Train an SAE on ``point`` of ``model`` (a `g3n_probe.Gemma3nProbe`) over ``texts``, with sparsify:
     one pass over their tokens (`token_chunks`; a long tensor ``[n, ctx_len]`` of token chunks works too).
 
@@ -86,46 +88,78 @@ def train(model: Any, texts: Sequence[str] | torch.Tensor, point: str, *, stream
     (``loss_fn="kl"``, ``optimizer="adam"``, ``auxk_alpha``, ``grad_acc_steps``, …). Under ``torchrun`` each
     rank trains on its share of the chunks and sparsify wraps the SAE in DDP (one GPU per rank: sparsify
     passes ``device_ids=[rank]``). The model is left as it was (its ``requires_grad`` flags included).
+    ``include_bos=False`` (default): ``<bos>`` positions are not trained on (nor padding); True trains on them.
     """
-    sparsify = sparsify_module()
+    sparsify_module()
     site = site_of(model, point, transcoder=transcoder)
     if transcoder and site.side != "across":
         raise ValueError("transcoder=True trains across an MLP: name it 'layers.<i>.mlp'")
     if site.stack and stream is None:
         raise ValueError(f"{point} is a stream stack [S,B,T,D]: give stream=k (0 is the active stream); sparsify "
                          "would read its first two axes, (stream, batch), as (batch, token) and train on the wrong rows")
+    chunks = training_chunks(model, texts, ctx_len, seed)
+    with _hookpoint(model.hf_model, site, stream) as hookpoint:
+        run = run_sparsify(model, chunks, [hookpoint], dict(expansion_factor=expansion_factor, num_latents=num_latents,
+                                                             k=k, transcode=transcoder),
+                           batch_size=batch_size, lr=lr, seed=seed, save_dir=save_dir, progress=progress,
+                           include_bos=include_bos, config=config)
+    return Trained(run.coders[hookpoint], point, stream, hookpoint, run.fvu[hookpoint], run.tokens, run.seconds,
+                   run.paths.get(hookpoint))
+
+
+def training_chunks(model: Any, texts: Sequence[str] | torch.Tensor, ctx_len: int, seed: int) -> torch.Tensor:
+    """This rank's share of the token chunks (`token_chunks`), after checking that sparsify's DDP can run here."""
     rank, world = rank_world(from_environment=False)   # sparsify's DDP needs the group itself
     if world > 1 and model.hf_model.device.type != "cuda":
         raise ValueError("sparsify's distributed training wraps the SAE in DDP(device_ids=[rank]): it needs one GPU "
                          "per rank (the model on cuda:<rank>); on CPU train in one process")
-    chunks = token_chunks(model.tokenizer, texts, ctx_len, seed=seed, rank=rank, world=world)
+    return token_chunks(model.tokenizer, texts, ctx_len, seed=seed, rank=rank, world=world)
+
+
+@dataclass
+class SparsifyRun:
+    """One sparsify run over some hookpoints: each one's final coder, FVU per step and saved folder."""
+
+    coders: dict[str, Any]
+    fvu: dict[str, list[float]]
+    tokens: int
+    seconds: float
+    paths: dict[str, Path]
+
+
+def run_sparsify(model: Any, chunks: torch.Tensor, hookpoints: list[str], coder: dict[str, Any], *, batch_size: int,
+                 lr: float | None, seed: int, save_dir: Any, progress: bool, include_bos: bool,
+                 config: dict[str, Any]) -> SparsifyRun:
+    """Train one coder per hookpoint (module names under ``hf_model.base_model``) in one sparsify run, one pass
+    over ``chunks``: ``coder`` is sparsify's ``SaeConfig``, ``config`` more of its ``TrainConfig``. The model is
+    left as it was; the coders come back frozen, as sparsify's final checkpoints hold them."""
+    sparsify = sparsify_module()
     hf = model.hf_model
     lean = config.get("loss_fn", "fvu") == "fvu"
-    with _hookpoint(hf, site, stream) as hookpoint, _model_kept(hf, lean), _quiet(not progress), \
-            _directory(save_dir) as directory:
+    with _model_kept(hf, lean), _quiet(not progress), _directory(save_dir) as directory:
         cfg = sparsify.TrainConfig(
-            sparsify.SaeConfig(expansion_factor=expansion_factor, num_latents=num_latents, k=k, transcode=transcoder),
-            batch_size=batch_size, hookpoints=[hookpoint], lr=lr, init_seeds=[seed], log_to_wandb=False,
-            save_dir=str(directory), run_name="g3n", exclude_tokens=_special_ids(model.tokenizer), **config)
+            sparsify.SaeConfig(**coder), batch_size=batch_size, hookpoints=list(hookpoints), lr=lr, init_seeds=[seed],
+            log_to_wandb=False, save_dir=str(directory), run_name="g3n",
+            exclude_tokens=excluded_ids(model.tokenizer, include_bos), **config)
         cfg.save_every = config.get("save_every", 1 << 30)
         trainer = sparsify.Trainer(cfg, _Chunks(chunks), hf)
-        result = Trained(trainer.saes[hookpoint], point, stream, hookpoint)
-        recorder = result.sae.register_forward_hook(functools.partial(_record_fvu, result.fvu))
+        fvu: dict[str, list[float]] = {hookpoint: [] for hookpoint in hookpoints}
+        recorders = [trainer.saes[h].register_forward_hook(functools.partial(_record_fvu, fvu[h])) for h in hookpoints]
         start = time.perf_counter()
         try:
             trainer.fit()
         finally:
-            recorder.remove()
-        result.seconds = time.perf_counter() - start
-        result.tokens = chunks.numel()  # one pass over this rank's chunks
-        result.sae = _final(sparsify, trainer, Path(directory) / "g3n" / hookpoint, hf.device)
-        if save_dir is not None:
-            result.path = Path(directory) / "g3n" / hookpoint
-    result.sae.requires_grad_(False)
-    return result
+            for recorder in recorders:
+                recorder.remove()
+        seconds = time.perf_counter() - start
+        coders = {h: _final(sparsify, trainer, Path(directory) / "g3n" / h, hf.device, h) for h in hookpoints}
+        paths = {h: Path(directory) / "g3n" / h for h in hookpoints} if save_dir is not None else {}
+    for trained in coders.values():
+        trained.requires_grad_(False)
+    return SparsifyRun(coders, fvu, chunks.numel(), seconds, paths)  # one pass over this rank's chunks
 
 
-def _final(sparsify: Any, trainer: Any, path: Path, device: torch.device) -> Any:
+def _final(sparsify: Any, trainer: Any, path: Path, device: torch.device, hookpoint: str) -> Any:
     """The SAE as sparsify's final checkpoint holds it: schedule-free averaging keeps the weights it evaluates
     apart from the ones it steps, and its checkpoint has the averaged ones (only rank 0 writes it: the other
     ranks switch their optimizer to the averaged weights, equal to its checkpoint to float rounding)."""
@@ -134,7 +168,7 @@ def _final(sparsify: Any, trainer: Any, path: Path, device: torch.device) -> Any
     for optimizer in trainer.optimizers:
         if callable(getattr(optimizer, "eval", None)):
             optimizer.eval()
-    return next(iter(trainer.saes.values()))
+    return trainer.saes[hookpoint]
 
 
 def token_chunks(tokenizer: Any, texts: Sequence[str], ctx_len: int, seed: int = 0, rank: int = 0,
@@ -229,11 +263,6 @@ def _module_name(root: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return name
     raise ValueError(f"{type(module).__name__} is not a module of this model's {type(root).__name__}")
-
-
-def _special_ids(tokenizer: Any) -> list[int]:
-    ids = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
-    return sorted(i for i in ids if i is not None)
 
 
 def _record_fvu(history: list, module: nn.Module, args: tuple, output: Any) -> None:

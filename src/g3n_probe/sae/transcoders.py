@@ -275,8 +275,15 @@ def _layer_files(root: Path, config: dict, config_path: Path) -> dict[int, Path]
         return dict(sorted(found.items()))
     if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
         raise TranscoderError(f"{config_path}: 'transcoders' must be a list of file paths")
+    # circuit-tracer reads the list's i-th file as layer i; a set that skips layers says which with 'layers'
+    # (written by save_transcoders; circuit-tracer itself cannot hold such a set)
+    layers = config.get("layers", list(range(len(listed))))
+    if (not isinstance(layers, list) or len(layers) != len(listed) or len(set(layers)) != len(layers)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise TranscoderError(f"{config_path}: key 'layers' must list one distinct layer index per file in "
+                              f"'transcoders'; got {layers!r}")
     files = {}
-    for layer, name in enumerate(listed):
+    for layer, name in zip(layers, listed):
         path = (root / name) if not Path(name).is_absolute() else Path(name)
         if name.startswith("hf://"):
             raise TranscoderError(f"{config_path}: {name!r} is a hub path; fetch the files and list local ones")
@@ -408,6 +415,8 @@ def save_transcoders(directory: str | Path, transcoders: Any, scan: str = "g3n_p
         "model_kind": "transcoder_set", "scan": scan, "feature_input_hook": result.input_hook,
         "feature_output_hook": result.output_hook, "transcoders": files, "activation": activation,
     }
+    if list(result) != list(range(len(result))):
+        config["layers"] = list(result)  # circuit-tracer reads file i as layer i: only a 0..n-1 set loads there
     if activation == "topk":
         config["k"] = ks.pop()
         config["topk_relu"] = bool(next(iter(result.transcoders.values())).topk_relu)
