@@ -11,11 +11,11 @@ import pickle
 import pytest
 import torch
 import yaml
-from reference import stock_forward
 from safetensors.torch import load_file, save_file
 
 import g3n_probe as g3n
 from g3n_probe.sae import TranscoderError
+from reference import stock_forward
 
 D, F = 64, 96  # the tiny preset's hidden size; latents
 LAYERS = 6
@@ -438,3 +438,23 @@ def test_token_mask_is_the_one_rule():
     assert g3n.sae.token_mask(ids, 2, False, attention).tolist() == [[False, False, False, True, True],
                                                                     [False, True, True, True, False]]
     assert g3n.sae.token_mask(ids, 2, True, attention).tolist() == attention.bool().tolist()
+
+
+def test_the_default_ships_its_transcoders():
+    import json
+
+    model = g3n.load()
+    path = g3n.sae.default_transcoders()
+    tcs = g3n.sae.load_transcoders(path, model=model)
+    assert list(tcs) == list(range(6)) and tcs.output_hook == "hook_mlp_out"
+    assert all(tcs[i].width == 512 and tcs[i].k == 16 and tcs[i].activation == "topk" for i in tcs)
+    record = json.loads((path / "transcoders.json").read_text())
+    assert set(record["evaluation"]["layers"]) == {str(i) for i in range(6)} and record["evaluation"]["loss_kept"] > 0.5
+    prompt = "def area(width, height):\n    return width * height\n"
+    with torch.no_grad(), model.trace(prompt):
+        clean = model.logits.output.save()
+    with g3n.sae.replaced(model, tcs) as r:
+        with torch.no_grad(), model.trace(prompt):
+            f = r.layers[2].features.output.save()
+            logits = model.logits.output.save()
+    assert torch.equal(logits, clean) and int((f[0, 1:] != 0).sum(-1).max()) <= 16

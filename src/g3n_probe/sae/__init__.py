@@ -33,6 +33,8 @@ from .evaluate import (
     evaluate,
     top_activations,
 )
+from .replaced import Replacement, attach_transcoder, replaced
+from .replacement_report import LayerReplacement, ReplacementReport, evaluate_replacement
 from .splice import (
     Dense,
     FeaturePoint,
@@ -44,8 +46,6 @@ from .splice import (
     spliced,
     spliced_transcoder,
 )
-from .replaced import Replacement, attach_transcoder, replaced
-from .replacement_report import LayerReplacement, ReplacementReport, evaluate_replacement
 from .tokens import token_mask
 from .train import StreamTap, Trained, token_chunks, train
 from .train_transcoders import TranscoderTap, TranscoderTraining, train_transcoders
