@@ -15,6 +15,8 @@ A public name that is also the name of a submodule (``g3n_probe.sae.evaluate`` t
 the submodule there.
 
 So a name appears in the reference only once the package has it, and the strict build never breaks over it.
+Likewise a notebook added to ``notebooks/`` joins the navigation's "Notebooks" section by itself (titled from its
+file name) if ``mkdocs.yml`` does not list it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-import sys
 import types
+from pathlib import Path
 
 log = logging.getLogger("mkdocs.plugins.g3n_probe")
 PLAIN = re.compile(r"^::: (g3n_probe[\w.]*)[ \t]*$(?!\n {4})", re.M)   # an entry without options of its own
@@ -56,22 +58,68 @@ def resolve(dotted: str):
 
 
 def identifier(dotted: str) -> str:
-    """The name mkdocstrings finds ``dotted`` under: itself, unless a submodule shadows it statically."""
-    parent, _, leaf = dotted.rpartition(".")
+    """The name mkdocstrings finds ``dotted`` under: itself, unless a package re-exports it from a submodule of
+    the same name (``sae/evaluate.py``'s ``evaluate``), which a static reading sees in its place."""
     obj = resolve(dotted)
-    if parent and not isinstance(obj, types.ModuleType) and f"{parent}.{leaf}" in sys.modules:
+    if not isinstance(obj, types.ModuleType) and obj.__module__.rpartition(".")[2] == getattr(obj, "__name__", None):
         return f"{obj.__module__}.{obj.__qualname__}"
     return dotted
 
 
 def entry(dotted: str) -> str:
+    """The mkdocstrings entry for a public name; a module's is its docstring alone (its members have their own)."""
     name = identifier(dotted)
-    if name == dotted:
-        return f"::: {name}"
-    return f"::: {name}\n    options:\n      show_root_full_path: false"
+    options = []
+    if name != dotted:
+        options.append("show_root_full_path: false")
+    if isinstance(resolve(dotted), types.ModuleType):
+        options.append("members: false")
+    return f"::: {name}" + ("\n    options:" + "".join(f"\n      {o}" for o in options) if options else "")
+
+
+def module_entries(name: str, markdown: str) -> str:
+    """A module's docstring and an entry per name in its ``__all__``, but for objects this page already shows
+    under another public name (``g3n_probe.attribute`` and ``g3n_probe.circuits.attribute``)."""
+    shown = [resolve(n) for n in re.findall(r"^(?:\?::|:::) +(g3n_probe[\w.]*)", markdown, re.M) if exists(n)]
+    module = resolve(name)
+    members = [m for m in module.__all__ if not any(getattr(module, m) is obj for obj in shown)]
+    return "\n\n".join([entry(name)] + [entry(f"{name}.{member}") for member in members])
+
+
+def notebook_title(path: Path) -> str:
+    """``10_circuits.ipynb`` → ``10 Circuits``."""
+    number, _, rest = path.stem.partition("_")
+    return f"{number} {rest.replace('_', ' ').capitalize()}" if number.isdigit() else path.stem.replace("_", " ")
+
+
+def on_config(config):
+    folder = Path(config["docs_dir"]) / "notebooks"
+    for section in config["nav"] or []:
+        if isinstance(section, dict) and "Notebooks" in section:
+            entries = section["Notebooks"]
+            listed = {next(iter(e.values())) if isinstance(e, dict) else e for e in entries}
+            for path in sorted(folder.glob("*.ipynb")):
+                if f"notebooks/{path.name}" not in listed:
+                    entries.append({notebook_title(path): f"notebooks/{path.name}"})
+    return config
+
+
+def notebook_sections(markdown: str, docs_dir: str) -> str:
+    """The notebooks page: a section for each notebook it does not mention yet, with the figures it saves."""
+    for path in sorted((Path(docs_dir) / "notebooks").glob("*.ipynb")):
+        if f"notebooks/{path.name}" in markdown:
+            continue
+        markdown += f"\n## [{notebook_title(path)}](notebooks/{path.name})\n"
+        number = path.stem.partition("_")[0]
+        for figure in sorted(Path(docs_dir).glob(f"{number}_*.png")):
+            markdown += f"\n![{notebook_title(path)}]({figure.name})\n"
+    return markdown
 
 
 def on_page_markdown(markdown, page, config, files):
+    if page.file.src_path == "notebooks.md":
+        markdown = notebook_sections(markdown, config["docs_dir"])
+
     def replace(match: re.Match) -> str:
         kind, name = match.groups()
         if not exists(name):
@@ -81,10 +129,7 @@ def on_page_markdown(markdown, page, config, files):
             return entry(name)
         if kind == "->":
             return f"- [`{name}`][{identifier(name)}]"
-        module = resolve(name)
-        blocks = [f"::: {name}\n    options:\n      members: false"]
-        blocks += [entry(f"{name}.{member}") for member in module.__all__]
-        return "\n\n".join(blocks)
+        return module_entries(name, markdown)
 
     def shadowed(match: re.Match) -> str:
         name = match.group(1)

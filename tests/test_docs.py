@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import inspect
 import re
 
@@ -37,6 +38,8 @@ def resolve(dotted: str):
 def public_names() -> list[str]:
     names = [f"g3n_probe.{n}" for n in g3n_probe.__all__]
     names += [f"g3n_probe.sae.{n}" for n in g3n_probe.sae.__all__]
+    circuits = getattr(g3n_probe, "circuits", None)   # the circuits API, where this version has it
+    names += [f"g3n_probe.circuits.{n}" for n in getattr(circuits, "__all__", [])]
     return names + EXTRA
 
 
@@ -97,10 +100,16 @@ def test_the_site_configuration_requests_nothing_outside():
     assert plugins["mkdocs-jupyter"]["include_requirejs"] is False
 
 
-def test_the_notebooks_are_in_the_navigation():
+def test_every_notebook_is_in_the_navigation():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    listed = set(re.findall(r"notebooks/(\w+)\.ipynb", str(config["nav"])))
+    config["docs_dir"] = str(ROOT / "docs")
+    listed = set(re.findall(r"notebooks/(\w+)\.ipynb", str(hooks.on_config(config)["nav"])))
     assert listed == {path.stem for path in (ROOT / "notebooks").glob("*.ipynb")}
+    page = hooks.notebook_sections((ROOT / "docs" / "notebooks.md").read_text(), config["docs_dir"])
+    assert all(f"notebooks/{path.name}" in page for path in (ROOT / "notebooks").glob("*.ipynb"))
 
 
 OUTSIDE = [
