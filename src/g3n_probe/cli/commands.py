@@ -6,6 +6,8 @@
     g3n-probe demo [--model SRC]   trace a code prompt, logit lens through the AltUp merge, ablations
     g3n-probe bench [--device cuda] memory and speed, per-layer table on the device vs the host
     g3n-probe audit [SOURCE] [--prompt TEXT ...]  where transformers and Google's reference differ
+    g3n-probe attribute --prompts FILE [--transcoders DIR] --out DIR  one attribution graph per prompt
+    g3n-probe graph serve DIR [--port N]  saved graphs in a browser (127.0.0.1 only)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..points import listing
 from .bench import run_bench
 from .demo import run_demo
 from .gpu_check import run_gpu_check
+from .graphs import add_graph_commands
 
 #: What the CLI reports as ``error: …`` with exit 2: the project's own errors about its input (bad
 #: checkpoints, files, arguments, hub answers). Anything else (a TypeError, a KeyError) is a bug and
@@ -307,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub, where = _source_parsers()
     _add_inspection_commands(sub, hub, where)
     _add_running_commands(sub, where)
+    add_graph_commands(sub, where, _hub_options)
     return parser
 
 
