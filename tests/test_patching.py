@@ -317,9 +317,10 @@ def test_sweep_refuses_a_metric_that_is_not_one_value_per_row_before_any_chunk(p
 @pytest.mark.parametrize("kind", sorted(set(BAD_METRICS) - {"[1]"}))  # attribution runs one row: [1] is right there
 def test_attribution_refuses_a_metric_that_is_not_one_value_per_row(probe, kind):
     bad, error = BAD_METRICS[kind]
+    before = [p.grad for p in probe.hf_model.parameters()]
     with pytest.raises((TypeError, ValueError), match=r"the metric must return a tensor of shape \[N\].*" + error):
         g3n.patching.attribution(probe, CLEAN, CORRUPTED, bad, layers=[1])
-    assert all(p.grad is None for p in probe.hf_model.parameters())
+    assert all(p.grad is grad for p, grad in zip(probe.hf_model.parameters(), before))   # as they were
     g3n.patching.attribution(probe, CLEAN, CORRUPTED, metric, layers=[1])  # the model is unharmed
 
 

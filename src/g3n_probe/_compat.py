@@ -159,10 +159,17 @@ class ModelOnlyPipeline:
 
     model: torch.nn.Module
     task: str
+    tokenizer: Any = None   # a model that does not generate still tokenizes its texts
 
     @staticmethod
     def _sanitize_parameters(**kwargs: Any) -> tuple[dict, dict, dict]:
         return {}, kwargs, {}  # every keyword goes to the model's forward
+
+    def preprocess(self, text: Any, **params: Any) -> Any:
+        """One text's model inputs (``input_ids``, ``attention_mask``), as the text-generation pipeline makes them."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it takes token ids, not text")
+        return self.tokenizer(text, return_tensors="pt", **params)
 
 
 class ProbeModelBase(TransformersModel):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 import torch
 
@@ -66,6 +66,9 @@ from .prefix_reuse import (
     tail,
     token_reuse_unavailable,
 )
+
+if TYPE_CHECKING:
+    from ..probe import Gemma3nProbe
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -132,6 +135,7 @@ class PatchingResult:
 
         data = self.normalized() if normalized else self.values
         widest = max([len(self.column_labels(name)) for name in self.points] or [1])
+        axes: Any
         if ax is None:
             fig, axes = plt.subplots(1, len(self.points), squeeze=False,
                                      figsize=(3 + len(self.points) * max(3, 0.25 * widest), 3 + 0.25 * len(self.layers)))
@@ -160,7 +164,7 @@ _STACK_NAMES = frozenset(p.name for p in BY_NAME.values() if p.stack)
 _METRIC_CONTRACT = "the metric must return a tensor of shape [N], one value per row of the logits [N, T, V]"
 
 
-def _metric_rows(result: Any, logits: torch.Tensor) -> torch.Tensor:
+def _metric_rows(result: Any, logits: torch.Tensor) -> Any:   # a tensor, or inside a trace its proxy
     """``result`` if it is one value per row of ``logits``; else an error saying what the metric must return."""
     rows, shape = logits.shape[0], list(logits.shape)
     if not isinstance(result, torch.Tensor):
@@ -193,7 +197,7 @@ def _baseline_metric(metric: Metric, target_logits: torch.Tensor,
     return baselines, sources
 
 
-def sweep(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
+def sweep(model: Gemma3nProbe, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
           layers: Iterable[int] | None = None, positions: Sequence[int | Sequence[int]] | None = None,
           direction: str = "denoise", chunk: int = 32, logits_to_keep: int = 0, heads: Any = None,
           streams: Any = None, reuse: str = "tokens") -> PatchingResult:
@@ -342,7 +346,7 @@ def prefix_needs(model: Any, variants: Sequence[Sequence[Any]], keep_stores: boo
     return {i for i in skipped if i + 1 not in skipped}
 
 
-def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequence[Any]], source: dict,
+def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Variant], source: dict,
                    by_name: dict[str, Point], metric: Metric, logits_to_keep: int = 0,
                    prefix: dict[int, torch.Tensor] | None = None, pairs: Sequence[int] | None = None,
                    target: TargetRun | None = None) -> torch.Tensor:
@@ -371,21 +375,22 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequ
         raise ValueError(f"pairs names {len(pairs)} rows and variants {len(variants)}: give one pair per variant")
     pair_index = torch.tensor(pairs, dtype=torch.long)
     tokens = target is not None and target.kv is not None
+    run = cast(TargetRun, target)   # read only where tokens (and so start) say there is one
     prefix = target.outputs if target is not None else prefix
     skipped = _skipped(model, variants, keep_stores=not tokens) if prefix is not None else []
     if prefix is not None and (missing := prefix_needs(model, variants, keep_stores=not tokens) - set(prefix)):
         raise ValueError(f"prefix lacks the target's output of layer(s) {sorted(missing)}")
-    start = chunk_start(min(first_token(v) for v in variants), target.tokens) if tokens else 0
-    cut = tail(model, min(v[0] for v in variants), start, target.tokens, logits_to_keep, len(variants)) \
+    start = chunk_start(min(first_token(v) for v in variants), run.tokens) if tokens else 0
+    cut = tail(model, min(v[0] for v in variants), start, run.tokens, logits_to_keep, len(variants)) \
         if tokens else None
     plan, steps = _write_plan(variants, pairs, by_name, start, cut, target_ids.shape[1])
-    ids, kwargs = target.suffix(target_ids, pair_index, start) if start else (target_ids[pair_index], {})
-    keep = target.suffix_keep(start) if start else logits_to_keep
+    ids, kwargs = run.suffix(target_ids, pair_index, start) if start else (target_ids[pair_index], {})
+    keep = run.suffix_keep(start) if start else logits_to_keep
     handles: list = []   # registered inside the try, so a failure while registering removes what is on
     try:
         if tokens:
-            handles += target.share_skipped_stores(model, skipped, pair_index)
-            handles += target.keep_tail(model, cut)
+            handles += run.share_skipped_stores(model, skipped, pair_index)
+            handles += run.keep_tail(model, cut)
         with torch.no_grad(), model.trace(ids, logits_to_keep=keep, **kwargs):
             _skip_prefix(model, skipped, prefix, pair_index, start)
             for layer, name in steps:
@@ -396,7 +401,7 @@ def patched_metric(model: Any, target_ids: torch.Tensor, variants: Sequence[Sequ
         for handle in handles:
             handle.remove()
     if start:
-        logits = target.full_logits(logits, pair_index)
+        logits = run.full_logits(logits, pair_index)
     return _metric_rows(metric(logits), logits).detach().float().cpu()
 
 
@@ -421,6 +426,7 @@ def _skip_prefix(model: Any, skipped: list[int], prefix: dict[int, torch.Tensor]
     positions from ``start`` on."""
     if not skipped:
         return
+    assert prefix is not None, "skipped layers take their output from the prefix"
     template = next(iter(prefix.values()))
     rows = len(pair_index)
     for layer in skipped:
@@ -466,14 +472,14 @@ def _write(point: Point, value: Any, patch: torch.Tensor, entries: list[tuple[in
         value[tuple(index)] = rows
 
 
-def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
+def attribution(model: Gemma3nProbe, clean: Any, corrupted: Any, metric: Metric, points: Sequence[str] = ("resid_mid",),
                 layers: Iterable[int] | None = None, direction: str = "denoise") -> PatchingResult:
     """Attribution patching: (source − target) · ∂metric/∂value at the target, for every point, layer and
     position, from one forward and one backward on the target prompts (plus a forward on the source).
 
     A first-order estimate of `sweep`'s entries (as metric changes, not normalised); the gradients are
     stock autograd's, read at the points. ``values[point][layer, position]`` sums the product over all
-    other axes (streams, heads, features). Over K pairs (as for `sweep`) an entry is the mean of the K
+    other axes (streams, heads, features); the parameters' ``.grad`` are left as they were. Over K pairs (as for `sweep`) an entry is the mean of the K
     per-pair estimates (``per_pair``: [layers, positions, K]), from one forward and backward of the K rows.
     """
     plan = prepare(model, clean, corrupted, points, layers, direction)
@@ -481,15 +487,23 @@ def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: 
     order = [(layer, name) for layer in sorted(plan.layers) for name in plan.names]
     grads: dict[tuple[int, str], Any] = {}
     values: dict[tuple[int, str], Any] = {}
-    with model.trace(plan.target_ids):
-        for layer, name in order:
-            values[(layer, name)] = BY_NAME[name].read(model, layer).save()
-        logits = model.logits.output
-        rows = _metric_rows(metric(logits), logits)
-        with rows.sum().backward():
-            for key in reversed(order):  # nnsight serves gradients in reverse execution order
-                grads[key] = values[key].grad.save()
-        baselines = rows.detach().float().cpu().save()
+    parameters = list(model.hf_model.parameters())
+    kept = [parameter.grad for parameter in parameters]   # the user's gradients: put back as they were
+    for parameter in parameters:
+        parameter.grad = None
+    try:
+        with model.trace(plan.target_ids):
+            for layer, name in order:
+                values[(layer, name)] = BY_NAME[name].read(model, layer).save()
+            logits = model.logits.output
+            rows = _metric_rows(metric(logits), logits)
+            with rows.sum().backward():
+                for key in reversed(order):  # nnsight serves gradients in reverse execution order
+                    grads[key] = values[key].grad.save()
+            baselines = rows.detach().float().cpu().save()
+    finally:
+        for parameter, grad in zip(parameters, kept):
+            parameter.grad = grad
     with torch.no_grad(), model.trace(plan.source_ids):
         logits = model.logits.output
         sources = _metric_rows(metric(logits), logits).detach().float().cpu().save()
@@ -502,7 +516,6 @@ def attribution(model: Any, clean: Any, corrupted: Any, metric: Metric, points: 
         token_axis = point.axis("T") + (1 if point.axis("T") < point.batch_axis else 0)
         estimate = product.movedim(token_axis, 1).reshape(pairs, tokens, -1).sum(-1)  # [K, T]
         per_pair[name][plan.layers.index(layer)] = estimate.T.cpu()
-    model.hf_model.zero_grad(set_to_none=True)
     labels = [model.tokenizer.decode([int(t)]) for t in plan.target_ids[0]] if model.tokenizer is not None else []
     return PatchingResult(points=plan.names, layers=plan.layers, positions=list(range(tokens)),
                           values={name: v.mean(-1) for name, v in per_pair.items()}, baseline=float(baselines.mean()),

@@ -184,18 +184,29 @@ class Gemma3nProbe(ProbeModelBase):
     batcher_class = StreamBatcher
 
     def __init__(self, module: torch.nn.Module, tokenizer: Any = None, load_report: Any = None, **kwargs: Any) -> None:
+        ours = Injection.of(module) is None
         injection = Injection.of(module) or inject(module)
         kwargs.setdefault("envoys", _ENVOY_CLASSES)
-        super().__init__(module, tokenizer=tokenizer, task="text-generation", **kwargs)
+        try:
+            super().__init__(module, tokenizer=tokenizer, task="text-generation", **kwargs)
+        except BaseException:
+            if ours:   # a failed wrap leaves the model as it was given
+                injection.remove()
+                for submodule in module.modules():
+                    unwrap_module(submodule)
+            raise
         self.injection = injection
         self.load_report = load_report
 
     def wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
-        if self.tokenizer is not None:
+        can_generate = getattr(module, "can_generate", None)
+        if self.tokenizer is not None and callable(can_generate) and can_generate():
             return None
         # Without a tokenizer nnsight's transformers pipeline cannot be built (it insists on one, or
-        # loads one from the config's path). Token ids need none of it: a stand-in carries the model.
-        self.pipeline = ModelOnlyPipeline(module, self.task)
+        # loads one from the config's path), nor for a model that does not generate (Gemma3nModel,
+        # Gemma3nTextModel: the text-generation pipeline refuses them). A trace needs none of it: a stand-in
+        # carries the model, and texts are tokenized with the tokenizer as ever.
+        self.pipeline = ModelOnlyPipeline(module, self.task, self.tokenizer)
         return module
 
     @property
