@@ -285,3 +285,12 @@ def test_a_graph_too_large_to_hold_is_refused_with_what_it_needs(probe, transcod
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(MemoryError, match="GiB"):
         attribute(probe, PROMPT, transcoders)
+
+
+def test_what_a_graph_and_an_intervention_hand_out_carries_no_autograd_graph(probe, graph, transcoders):
+    from g3n_probe.circuits import intervene
+
+    assert not graph.adjacency.requires_grad
+    node = graph.nodes[graph.of_kind("feature")[0]]
+    check = intervene(probe, PROMPT, transcoders, {(node.layer, node.position, node.index): 0.0})
+    assert not check.logit_change.requires_grad and not check.feature_change(node.layer).requires_grad

@@ -155,6 +155,7 @@ def frozen_forward(hf: nn.Module, site: str, skips: dict[int, Any]) -> Iterator[
             handles.pop().remove()
 
 
+@torch.no_grad()
 def logit_covectors(hf: nn.Module, last_stack: torch.Tensor, merged: torch.Tensor, tokens: list[int]
                     ) -> torch.Tensor:
     """``[n, S, D]`` float32: for each token id, the covector on the last stack (one position) of its
@@ -179,6 +180,7 @@ def logit_covectors(hf: nn.Module, last_stack: torch.Tensor, merged: torch.Tenso
     return covector
 
 
+@torch.no_grad()
 def demeaned_logits(hf: nn.Module, merged: torch.Tensor) -> torch.Tensor:
     """``[V]`` float32: the real pre-soft-cap logits at one position (the stock final norm and lm_head on the
     merged hidden ``[D]``) minus their mean over the vocabulary."""
