@@ -17,33 +17,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from decompose_bench import measure  # the same timing and peak-memory sampling (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 
 
-def measure(fn, device: torch.device, repeats: int, warmup: bool = True) -> tuple[float, int]:
+def measure_once(fn, device: torch.device) -> tuple[float, int]:
+    """One timed run with no warm-up (the per-row way, after the batched one has warmed the model up)."""
     from g3n_probe.cli.bench import sync
     from g3n_probe.cli.gpu_check import PeakRSS
 
-    if warmup:
+    with PeakRSS() as rss:
+        start = time.perf_counter()
         fn()
-    times, peaks = [], []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        with PeakRSS() as rss:
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        peaks.append(torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else rss.peak - rss.before)
-    return statistics.median(times), max(peaks)
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, rss.peak - rss.before
 
 
 def random_transcoders(config, width: int, k: int, device: torch.device) -> dict:
@@ -90,7 +83,7 @@ def run(preset: str, args: argparse.Namespace, device: torch.device) -> dict:
             "per-row": lambda: attribute(model, ids, transcoders, batch_size=1)}
     for way, fn in ways.items():
         # the per-row way runs once, after the others have warmed the model up: it is the slow one
-        seconds, peak = measure(fn, device, args.repeats if way != "per-row" else 1, warmup=way != "per-row")
+        seconds, peak = measure(fn, device, args.repeats) if way != "per-row" else measure_once(fn, device)
         figures[way] = {"seconds": seconds, "peak_bytes": peak}
     figures["speedup"] = figures["per-row"]["seconds"] / figures["batched"]["seconds"]
     return figures

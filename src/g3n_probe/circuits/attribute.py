@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import psutil  # a dependency of accelerate's
 import torch
 
 from ..sae.transcoders import TranscoderSet, as_transcoder_set
@@ -92,8 +93,6 @@ def _memory_check(nodes: int, batch: int, tokens: int, model: Any) -> None:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        import psutil  # a dependency of accelerate
-
         free = psutil.virtual_memory().available
     if adjacency > free:
         raise MemoryError(f"this prompt ({tokens} tokens) has {nodes:,} nodes: the adjacency alone needs "

@@ -120,27 +120,38 @@ def _frozen_run(hf: nn.Module, ids: torch.Tensor, tset: TranscoderSet, deltas: d
     """A clean forward recording every frozen quantity, then the pinned forward with the MLP sites moved by
     ``deltas``; ``store`` holds both passes' MLP inputs (``("x", i)``, ``("now", i)``) and last stacks."""
     store: dict = {}
-    language_model = text_model(hf)
     for pinned in (False, True):
-        hook = _pin if pinned else _record
-        handles = _hooks(hf, store, hook, tset.output_point)
-        try:
-            for i, layer in enumerate(language_model.layers):
-                site = layer.mlp if tset.output_point == "mlp" else layer.post_feedforward_layernorm
-                skip = tset[i].skip if i in tset.transcoders and tset[i].W_skip is not None else None
-                on_site = functools.partial(_site_pin, store, i, deltas.get(i), skip) if pinned else \
-                    functools.partial(_record, store, ("site", i), "output")
-                handles.append(site.register_forward_hook(on_site))
-            handles.append(language_model.layers[-1].register_forward_hook(
-                functools.partial(_record, store, ("last", pinned), "output")))
-            handles.append(language_model.norm.register_forward_hook(
-                functools.partial(_record, store, ("merged", pinned), "input")))
-            with torch.no_grad():
-                hf(input_ids=ids.to(hf.device), use_cache=False, logits_to_keep=1)
-        finally:
-            while handles:
-                handles.pop().remove()
+        _run(hf, ids, store, functools.partial(_frozen_hooks, hf, store, tset, deltas, pinned), pinned)
     return store
+
+
+def _frozen_hooks(hf: nn.Module, store: dict, tset: TranscoderSet, deltas: dict, pinned: bool) -> list:
+    handles = _hooks(hf, store, _pin if pinned else _record, tset.output_point)
+    for i, layer in enumerate(text_model(hf).layers):
+        site = layer.mlp if tset.output_point == "mlp" else layer.post_feedforward_layernorm
+        skip = tset[i].skip if i in tset.transcoders and tset[i].W_skip is not None else None
+        on_site = functools.partial(_site_pin, store, i, deltas.get(i), skip) if pinned else \
+            functools.partial(_record, store, ("site", i), "output")
+        handles.append(site.register_forward_hook(on_site))
+    return handles
+
+
+def _run(hf: nn.Module, ids: torch.Tensor, store: dict, register: Any, after: bool) -> None:
+    """One forward with ``register()``'s hooks, reading the last stack and the merged hidden into ``store``
+    (keys ``(…, after)``); every hook comes off afterwards, in reverse, however the forward ends."""
+    language_model = text_model(hf)
+    handles: list = []
+    try:
+        handles += register()
+        handles.append(language_model.layers[-1].register_forward_hook(
+            functools.partial(_record, store, ("last", after), "output")))
+        handles.append(language_model.norm.register_forward_hook(
+            functools.partial(_record, store, ("merged", after), "input")))
+        with torch.no_grad():
+            hf(input_ids=ids.to(hf.device), use_cache=False, logits_to_keep=1)
+    finally:
+        while handles:
+            handles.pop().remove()
 
 
 # ---- the replacement model as it runs --------------------------------------------------------------------
@@ -153,30 +164,24 @@ def _set_features(edits: dict, module: nn.Module, args: tuple, output: torch.Ten
     return output
 
 
+def _free_hooks(hf: nn.Module, store: dict, tset: TranscoderSet, replacement: Any, edits: dict) -> list:
+    handles = []
+    for layer in tset:
+        chosen = {(p, f): v for (at, p, f), v in edits.items() if at == layer}
+        if chosen:
+            features = replacement.splice(layer).features
+            handles.append(features.register_forward_hook(functools.partial(_set_features, chosen)))
+        handles.append(text_model(hf).layers[layer].pre_feedforward_layernorm.register_forward_hook(
+            functools.partial(_record, store, ("now", layer), "output")))
+    return handles
+
+
 def _free_run(model: Any, ids: torch.Tensor, tset: TranscoderSet, edits: dict) -> dict:
     """The replacement model (error terms on) with the edited features written: everything downstream responds."""
-    hf = model.hf_model
     store: dict = {}
-    language_model = text_model(hf)
     with replaced(model, tset, error=True) as replacement:
-        handles = []
-        try:
-            for layer in tset:
-                chosen = {(p, f): v for (l, p, f), v in edits.items() if l == layer}
-                if chosen:
-                    features = replacement.splice(layer).features
-                    handles.append(features.register_forward_hook(functools.partial(_set_features, chosen)))
-                handles.append(language_model.layers[layer].pre_feedforward_layernorm.register_forward_hook(
-                    functools.partial(_record, store, ("now", layer), "output")))
-            handles.append(language_model.layers[-1].register_forward_hook(
-                functools.partial(_record, store, ("last", True), "output")))
-            handles.append(language_model.norm.register_forward_hook(
-                functools.partial(_record, store, ("merged", True), "input")))
-            with torch.no_grad():
-                hf(input_ids=ids.to(hf.device), use_cache=False, logits_to_keep=1)
-        finally:
-            while handles:
-                handles.pop().remove()
+        hf = model.hf_model
+        _run(hf, ids, store, functools.partial(_free_hooks, hf, store, tset, replacement, edits), True)
     return store
 
 
