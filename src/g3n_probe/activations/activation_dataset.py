@@ -6,7 +6,11 @@ dataset turns every real (non-padding) token of every text into one row: ``[N, D
 stream of a stack as ``[N, D]`` (``stream=k``) or all of them as ``[N, S, D]``, each row with the index of
 its text and its position in that text. Shards are verified before any row is read, exactly as a resume of
 `cache_dataset` verifies them (size, digest, and that the record names this run, this shard and these
-texts), and read lazily through safetensors' memory map, so a directory larger than memory streams.
+texts), and read lazily through safetensors' memory map, so a directory larger than memory streams. Before
+each read the shard's size and modification time are compared with those it was verified at (one ``stat``);
+a shard changed since (a flipped bit, two shards swapped) is verified again, so it is an error naming it,
+never data under another text's label. Not noticed: a change that keeps both the size and the modification
+time (a writer that restores the mtime), and a change made while a read is under way.
 
 Under ``torchrun`` (an initialised process group, or ``WORLD_SIZE`` > 1) each rank takes the shards
 i ≡ rank (mod world), as `cache_dataset` wrote them; `iterable` additionally splits a rank's shards among
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import operator
 import os
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -50,8 +55,9 @@ class ActivationDataset(Dataset):
     `iterable` read whole shards in order, the fast way through a large directory. ``text_index`` and
     ``positions`` hold every row's text and position; ``tokens(text)`` the text's token ids.
 
-    ``verify=True`` checks every shard (of this rank) against its record before any row is read; a damaged,
-    missing or foreign shard is an error naming it. ``ranks``: ``"auto"`` takes this rank's shards under
+    ``verify=True`` checks every shard (of this rank) against its record before any row is read, and again
+    before a read whenever its size or modification time changed; a damaged, missing or foreign shard is an
+    error naming it (``verify=False``: none of this). ``ranks``: ``"auto"`` takes this rank's shards under
     ``torchrun``, ``False`` all shards, or ``(rank, world)`` explicitly. ``dtype`` casts rows on reading.
     """
 
@@ -60,7 +66,8 @@ class ActivationDataset(Dataset):
         self.directory = Path(directory)
         self.manifest = _read_manifest(self.directory)
         self.key, self.row = _resolve_point(self.manifest, point, self.directory)
-        self.stream = checked_stream(stream, self.row.stack, f"{self.key} {self.row.shape}")
+        self.stream = checked_stream(stream, self.row.stack, f"{self.key} {self.row.shape}",
+                                     int(self.manifest["streams"]) if "streams" in self.manifest else None)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch dtype (rows are cast to it, never quantised); "
                             f"got {dtype!r}")
@@ -68,8 +75,13 @@ class ActivationDataset(Dataset):
         self.rank, self.world = _ranks(ranks)
         self.shards = rank_shards(int(self.manifest["texts"]), int(self.manifest["batch_size"]), self.rank, self.world)
         self.paths = [shard_path(self.directory, i) for i in self.shards]
+        self.verify = verify
+        self._verified: dict[Path, tuple[int, int]] = {}   # shard -> (size, mtime_ns) it was verified at
         if verify:
             _verify(self.directory, self.manifest, self.shards, self.paths)
+            self._verified = {path: _stamp(path) for path in self.paths}
+        if self.stream is not None and self.paths:
+            _row_shape(self.row, self._shape(self.paths[0]), self.stream)   # a stream past the stack's last
         self._index = [_shard_index(path, self.manifest, i) for i, path in zip(self.shards, self.paths)]
         self.offsets = [0]
         for index in self._index:
@@ -88,9 +100,11 @@ class ActivationDataset(Dataset):
     @property
     def row_shape(self) -> tuple[int, ...]:
         """The shape of one row (``(D,)``, ``(S, D)``, ...)."""
-        with safe_open(str(self.paths[0]), framework="pt") as handle:
-            shape = list(handle.get_slice(self.key).get_shape())
-        return tuple(_row_shape(self.row, shape, self.stream))
+        return tuple(_row_shape(self.row, self._shape(self.paths[0]), self.stream))
+
+    def _shape(self, path: Path) -> list[int]:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.get_slice(self.key).get_shape())
 
     def __repr__(self) -> str:
         stream = "" if self.stream is None else f", stream {self.stream}"
@@ -99,8 +113,13 @@ class ActivationDataset(Dataset):
 
     # ---- random access ----
 
-    def _checked(self, i: int) -> int:
-        i = int(i)
+    def _checked(self, i: Any) -> int:
+        if isinstance(i, (bool, float, str)) or (isinstance(i, torch.Tensor) and (i.is_floating_point() or i.dtype == torch.bool)):
+            raise TypeError(f"rows are indexed by integers; got {type(i).__name__} {i!r}")
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"rows are indexed by integers; got {type(i).__name__} {i!r}") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} out of range: this dataset has {len(self)} rows")
         return i % len(self)
@@ -113,7 +132,7 @@ class ActivationDataset(Dataset):
         where[self.row.batch_axis], where[self.row.axis("T")] = b, t
         if self.stream is not None:
             where[0] = self.stream
-        x = self._handle(self.paths[s]).get_slice(self.key)[tuple(where)]
+        x = self._handle(self.paths[s], self.shards[s]).get_slice(self.key)[tuple(where)]
         return Rows(self._cast(x), self.text_index[i], self.positions[i])
 
     def __getitems__(self, indices: Sequence[int]) -> list[Rows]:
@@ -148,7 +167,7 @@ class ActivationDataset(Dataset):
         start = int(self.manifest["batch_size"])
         shard, b = divmod(int(text), start)
         path = shard_path(self.directory, shard)
-        handle = self._handle(path)
+        handle = self._handle(path, shard)
         ids = handle.get_slice("input_ids")[b]
         mask = handle.get_slice("attention_mask")[b] if "attention_mask" in set(handle.keys()) else torch.ones_like(ids)
         return ids[mask.bool()]
@@ -159,7 +178,7 @@ class ActivationDataset(Dataset):
         """Every row of this dataset's shard ``s`` (the last one read is kept)."""
         if self._cached is not None and self._cached[0] == s:
             return self._cached[1]
-        sliced = self._handle(self.paths[s]).get_slice(self.key)
+        sliced = self._handle(self.paths[s], self.shards[s]).get_slice(self.key)
         value = sliced[self.stream] if self.stream is not None else sliced[:]
         axes = [a for j, a in enumerate(self.row.axes) if not (self.stream is not None and j == 0)]
         batch, token = axes.index("B"), axes.index("T")
@@ -169,13 +188,33 @@ class ActivationDataset(Dataset):
         self._cached = (s, rows)
         return rows
 
-    def _handle(self, path: Path) -> Any:
+    def _handle(self, path: Path, shard: int) -> Any:
         if self._handles_pid != os.getpid():  # a DataLoader worker: open its own handles
             self._handles, self._handles_pid, self._cached = {}, os.getpid(), None
+        if self.verify:
+            self._reverify(path, shard)
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = safe_open(str(path), framework="pt")
         return handle
+
+    def _reverify(self, path: Path, shard: int) -> None:
+        """A shard whose size or modification time differs from when it was verified (or one never verified) is
+        verified again before it is read, and its handle reopened: one ``stat`` per read otherwise."""
+        try:
+            stamp = _stamp(path)
+        except OSError as error:
+            raise ValueError(f"{self.directory}: {path.name} cannot be read now ({error})") from None
+        if self._verified.get(path) == stamp:
+            return
+        problem = verify_shard(path, self.manifest, shard)
+        if problem is not None:
+            raise ValueError(f"{self.directory}: {path.name} {problem} (it changed after this dataset was opened). "
+                             "Rerun cache_dataset with the same arguments to recompute it")
+        self._verified[path] = stamp
+        self._handles.pop(path, None)
+        if self._cached is not None and self.paths[self._cached[0]] == path:
+            self._cached = None
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.dtype is None else x.to(self.dtype)
@@ -279,6 +318,12 @@ def _row_shape(row: Point, shape: list[int], stream: int | None) -> list[int]:
     if row.axes.count("T") > 1:  # attn_pattern [B,H,T,T]: the key axis stays
         keep = [j for j, a in enumerate(row.axes) if j not in (row.batch_axis, row.axis("T"))]
     return [shape[j] for j in keep]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """What a reader compares to notice a shard changed: its size and modification time (ns)."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _ranks(ranks: Any) -> tuple[int, int]:

@@ -81,6 +81,8 @@ class Decomposition:
         All F neurons together sum to that layer's ``mlp_out`` row. Runs one more trace of the inputs."""
         if self._neurons is None:
             raise ValueError("this decomposition cannot split neurons (it was built without its model)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k is how many neurons to return, a positive integer; got {k!r}")
         return self._neurons(layer, k)
 
     def component(self, name: str) -> torch.Tensor:
@@ -143,6 +145,9 @@ def logit_direction(model: Any, target: Any, batch: int) -> torch.Tensor:
                 (target.dim() == 2 and target.shape[0] != batch):
             raise ValueError(f"a target tensor is a float direction [V={vocab}] or [B={batch}, V]; "
                              f"got {target.dtype} {tuple(target.shape)}")
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError("a target direction must be finite: it has inf or NaN entries (the components would be "
+                             "NaN beside an infinite total)")
         return target.detach().float().expand(batch, vocab).clone()
     direction = torch.zeros(batch, vocab)
     if isinstance(target, (tuple, list)):
@@ -316,6 +321,8 @@ def _stack_covector(target: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
         shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise ValueError(f"with at=, the target is a float vector [D={dim}] (every stream) or [S={streams}, D]; "
                          f"got {shape}")
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("with at=, the target vector must be finite: it has inf or NaN entries")
     per_stream = target.detach().float().to(stack.device).expand(streams, dim)
     covector = stack.new_zeros((streams, *stack.shape), dtype=torch.float32)
     for k in range(streams):

@@ -65,12 +65,25 @@ class DecompositionTable:
                 f"<tr><th>position</th><th>total</th><th colspan={self.k}>top components</th></tr>{''.join(rows)}</table>")
 
 
+def plotted_column(positions: list[int], position: int) -> int:
+    """The column of token position ``position`` among a decomposition's ``positions``; a negative one counts from
+    the end of them (-1: the last decomposed position)."""
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise TypeError(f"position must be an integer token position; got {position!r}")
+    if position in positions:
+        return positions.index(position)
+    if -len(positions) <= position < 0:
+        return position % len(positions)
+    raise ValueError(f"position {position} was not decomposed: this decomposition holds positions {positions} "
+                     "(negative counts from the end of them)")
+
+
 def plot_decomposition(decomposition: Any, position: int = -1, row: int = 0, ax: Any = None) -> Any:
     """Every component's contribution at one position, one bar each, stacked by the AltUp stream it
     reaches the readout through; the dashed line is the total."""
     import matplotlib.pyplot as plt  # lazy: a heavy import only the plot needs
 
-    column = position % len(decomposition.positions)
+    column = plotted_column(decomposition.positions, position)
     by_stream = decomposition.by_stream[:, :, row, column].float()           # [N, S]
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(decomposition.names)), 3.5))

@@ -189,11 +189,23 @@ def _baseline_metric(metric: Metric, target_logits: torch.Tensor,
                      source_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The metric of the unpatched target and of the source, one value per pair ([K] each, float32 on the
     host), after checking, on the baseline forwards and before any chunk runs, that it gives one value per
-    row: on each side alone and on the two as one batch (which a metric returning [1] whatever N is fails)."""
+    row: on each side alone and on the two as one batch (which a metric returning [1] whatever N is fails), and
+    that a row's value depends on that row alone (the two sides together, and their rows permuted, give the
+    same values)."""
     baselines = _metric_rows(metric(target_logits), target_logits).detach().float().cpu()
     sources = _metric_rows(metric(source_logits), source_logits).detach().float().cpu()
     both = torch.cat([target_logits, source_logits])
-    _metric_rows(metric(both), both)
+    together = _metric_rows(metric(both), both).detach().float().cpu()
+    order = torch.roll(torch.arange(both.shape[0]), 1)   # every row moves
+    permuted = _metric_rows(metric(both[order]), both).detach().float().cpu()
+    alone = torch.cat([baselines, sources])
+    scale = float(alone.abs().max()) if alone.numel() else 0.0
+    for got, expected in ((together, alone), (permuted, together[order])):
+        if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):
+            raise ValueError("the metric mixes rows: a row's value must depend on that row's logits alone (the sweep "
+                             "puts many patched variants in one batch), but it changed with the rows beside it (the "
+                             "two sides together, or their rows permuted, gave other values). Reduce over the "
+                             "rows outside the metric")
     return baselines, sources
 
 
@@ -325,7 +337,8 @@ def _by_point(plan: Plan, positions: list, part_of: dict, found: list[Variant],
         per_pair[name] = torch.full((len(plan.layers), len(positions), *split, plan.pairs), math.nan)
     for (layer, name, position, part), score in zip(found, scores):
         split = (part_index[name][part],) if name in part_index else ()
-        per_pair[name][(row_of_layer[layer], column_of[position], *split)] = score
+        index = (row_of_layer[layer], column_of[position], *split)   # a tuple first: Python 3.10 has no a[x, *y]
+        per_pair[name][index] = score
     return per_pair
 
 

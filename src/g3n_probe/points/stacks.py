@@ -21,16 +21,18 @@ class PointWriteError(ValueError):
     """A write to a point (or to a layer's stream stack) had the wrong type, shape, dtype or device."""
 
 
-def checked_stream(stream: Any, stack: bool, where: str) -> int | None:
+def checked_stream(stream: Any, stack: bool, where: str, streams: int | None = None) -> int | None:
     """``stream`` (None, or a stream index of the stack named by ``where``), refused where it cannot apply: a
-    value that is not a stream stack, or an index that is not a non-negative int (the upper bound needs the
-    stack's shape; its user checks that)."""
+    value that is not a stream stack, an index that is not a non-negative int, or (given the stack's
+    ``streams``) one past the last stream."""
     if stream is None:
         return None
     if not stack:
         raise ValueError(f"{where} is not a stream stack: stream= applies to [S,B,T,D] values only")
     if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
         raise ValueError(f"stream must be a stream index (0 is the active stream); got {stream!r}")
+    if streams is not None and stream >= streams:
+        raise ValueError(f"stream {stream} out of range: {where} has {streams} streams (0..{streams - 1})")
     return stream
 
 

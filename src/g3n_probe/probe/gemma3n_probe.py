@@ -380,6 +380,9 @@ class Gemma3nProbe(ProbeModelBase):
         self._check_ids(kwargs.get("input_ids"))
 
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        if module_of(self).training:
+            raise RuntimeError("the model is in training mode: call model.hf_model.eval() first (in training mode "
+                               "AltUp clamps its own coefficients in place on every forward, and dropout runs)")
         kwargs.setdefault("tracer_cls", ExclusiveTracer)
         return super().trace(*inputs, **kwargs)
 

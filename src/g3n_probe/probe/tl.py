@@ -42,26 +42,43 @@ def to_tokens(model: Any, input: Any, prepend_bos: bool | None = True, padding_s
     return ids.to(model.hf_model.device) if move_to_device else ids
 
 
+def checked_ids(model: Any, tokens: Any, what: str = "token ids") -> torch.Tensor:
+    """``tokens`` as an integer tensor of one sequence (1-D) or a batch (2-D), every id in the model's vocabulary
+    (an id past it would decode to ``''``, silently)."""
+    try:
+        ids = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{what} must be integers (a tensor or lists of ids); got {type(tokens).__name__}: {error}") from None
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{what} must be integers; got {ids.dtype}")
+    if ids.dim() > 2:
+        raise ValueError(f"{what} are one sequence (1-D) or a batch (2-D); got a {ids.dim()}-D tensor {tuple(ids.shape)}")
+    vocab = model.text_config.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)].unique().tolist()[:5]
+        raise ValueError(f"{what} {bad} are out of range: the vocabulary has {vocab} ids (0..{vocab - 1})")
+    return ids
+
+
 def to_str_tokens(model: Any, input: Any, prepend_bos: bool | None = True) -> list:
     """Each token as a string: a list for a string or a 1-D tensor/list of ids, a list of lists for a list
     of strings or a 2-D tensor."""
     tokenizer = _tokenizer(model)
     if isinstance(input, str):
         return [tokenizer.decode([int(t)]) for t in to_tokens(model, input, prepend_bos, move_to_device=False)[0]]
-    if isinstance(input, torch.Tensor):
-        if input.dim() == 2:
-            return [to_str_tokens(model, row) for row in input]
-        return [tokenizer.decode([int(t)]) for t in input.reshape(-1)]
-    items = list(input)
-    if items and all(isinstance(item, str) for item in items):
-        return [to_str_tokens(model, item, prepend_bos) for item in items]
-    return [tokenizer.decode([int(t)]) for t in items]
+    if isinstance(input, (list, tuple)) and input and all(isinstance(item, str) for item in input):
+        return [to_str_tokens(model, item, prepend_bos) for item in input]
+    ids = checked_ids(model, input)
+    if ids.dim() == 2:
+        return [[tokenizer.decode([int(t)]) for t in row] for row in ids]
+    return [tokenizer.decode([int(t)]) for t in ids.reshape(-1)]
 
 
 def to_string(model: Any, tokens: Any) -> Any:
-    """Decode token ids: a string for one sequence (1-D), a list of strings for a batch (2-D)."""
+    """Decode token ids: a string for one sequence (1-D), a list of strings for a batch (2-D); more axes, or an
+    id past the vocabulary, is an error."""
     tokenizer = _tokenizer(model)
-    ids = torch.as_tensor(tokens)
+    ids = checked_ids(model, tokens)
     if ids.dim() == 2:
         return [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in ids]
     return tokenizer.decode(ids.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
@@ -92,6 +109,9 @@ def test_prompt(model: Any, prompt: str, answer: str, prepend_space_to_answer: b
     if prepend_space_to_answer and not answer.startswith(" "):
         answer = " " + answer
     prompt_ids = to_tokens(model, prompt, prepend_bos, move_to_device=False)[0]
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty and prepend_bos=False: no token comes before the first answer token, so "
+                         "no logits predict it; give a prompt, or prepend_bos=True (the answer is then scored after <bos>)")
     answer_ids = to_tokens(model, answer, prepend_bos=False, move_to_device=False)[0]
     ids = torch.cat([prompt_ids, answer_ids])[None]
     with torch.no_grad():
@@ -125,6 +145,7 @@ def embedding(model: Any) -> torch.Tensor:
 def unembedding(model: Any) -> torch.Tensor:
     """``W_U``: a ``[D, V]`` view of the stock ``lm_head`` weight (tied to ``W_E``)."""
     head = getattr(model.hf_model, "lm_head", None)
-    if head is None:
-        raise AttributeError(f"a {type(model.hf_model).__name__} has no lm_head, so no W_U")
+    if head is None:   # a ValueError: an AttributeError from a property would be swallowed by nnsight's __getattr__
+        raise ValueError(f"a {type(model.hf_model).__name__} has no lm_head, so no W_U: wrap a "
+                         "Gemma3nForConditionalGeneration or Gemma3nForCausalLM to read logits")
     return head.weight.T

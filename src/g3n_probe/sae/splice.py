@@ -32,7 +32,7 @@ from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
 from .._compat import add_envoy, interleaving, module_of, remove_envoy, tensor_version
-from ..points import BY_NAME, HookPoint, Injection, checked_stream, mark_stack, split_qualified
+from ..points import BY_NAME, HookPoint, Injection, checked_stream, concrete_shape, mark_stack, split_qualified
 
 
 class FeaturePoint(nn.Module):
@@ -60,7 +60,8 @@ class Dense:
     def parameter(self) -> torch.Tensor | None:
         if isinstance(self.sae, nn.Module):
             return next(iter(self.sae.parameters()), None)
-        return None
+        weight = getattr(self.sae, "W_dec", None)   # an SAE that is not a module: its decoder says where it lives
+        return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` on the SAE's device, in its dtype."""
@@ -276,12 +277,30 @@ class Attached:
 
 def attach(site: Site, sae: Any, error: bool = True, stream: int | None = None) -> Attached:
     """Attach a `Splice` at ``site`` (until `Attached.remove`); one splice per place at a time."""
-    stream = checked_stream(stream, site.stack, site.name)
+    config = getattr(site.module, "text_config", None) or getattr(site.module, "config", None)
+    stream = checked_stream(stream, site.stack, site.name, getattr(config, "altup_num_inputs", None) if site.stack else None)
+    _check_width(site, sae, config)
     if site.child in dict(site.module.named_children()):
         raise ValueError(f"{site.name} already has an SAE spliced in: remove it first (leave its `spliced` block)")
     splice = Splice(sae, error=error, stream=stream, stack=site.stack, where=site.name)
     envoy = add_envoy(site.envoy, site.child, splice)
     return Attached(site, splice, envoy, [_register(site, splice)])
+
+
+def _check_width(site: Site, sae: Any, config: Any) -> None:
+    """Refuse an SAE whose decoder (``W_dec [F, D]``, as SAELens, sparsify and transcoders store it) writes vectors
+    of another width than the value at ``site``, before anything is attached."""
+    decoder = getattr(sae, "W_dec", None)
+    if not isinstance(decoder, torch.Tensor) or decoder.dim() != 2:
+        return
+    if isinstance(site.module, HookPoint):
+        width = concrete_shape(site.module.point, site.module.text_config)[-1]
+    else:
+        width = getattr(config, "hidden_size", None) or getattr(site.module, "hidden_size", None)
+    if width is not None and decoder.shape[-1] != width:
+        raise ValueError(f"{site.name}: the SAE's decoder writes vectors of width {decoder.shape[-1]} (W_dec "
+                         f"{list(decoder.shape)}), but the value there has width {width}: an SAE for another point "
+                         "or model?")
 
 
 def _remove_after_forward(attached: Attached, module: nn.Module, args: tuple, output: Any) -> None:
