@@ -24,8 +24,9 @@ POSITIVE = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_
 BAD_VALUES = [-1, 0, "7", 2.5, None, [], {}, 10**7, True]
 
 
-def _mutate(rng: random.Random, ckpt: Path) -> str:
-    """Corrupt one thing in ``ckpt``; return a label of what kind."""
+def _mutate(rng: random.Random, ckpt: Path) -> tuple[str, str, str | None]:
+    """Corrupt one thing in ``ckpt``; return a label of what kind, the file changed and the key changed (or None)."""
+    changed_key = None
     kind = rng.choice(["config value", "config truncated", "index entry", "index structure", "index key",
                        "shard truncated", "shard header byte", "tokenizer truncated"])
     index_file = ckpt / "model.safetensors.index.json"
@@ -34,12 +35,13 @@ def _mutate(rng: random.Random, ckpt: Path) -> str:
         key = rng.choice(POSITIVE + ["altup_active_idx", "num_kv_shared_layers", "layer_types", "intermediate_size"])
         config["text_config"][key] = rng.choice(BAD_VALUES)
         (ckpt / "config.json").write_text(json.dumps(config))
+        changed_key = key
     elif kind == "config truncated":
         text = (ckpt / "config.json").read_text()
         (ckpt / "config.json").write_text(text[: rng.randrange(len(text) - 1)])
     elif kind == "index entry":
         index = json.loads(index_file.read_text())
-        key = rng.choice(sorted(index["weight_map"]))
+        key = changed_key = rng.choice(sorted(index["weight_map"]))
         index["weight_map"][key] = rng.choice(["../outside.safetensors", "/etc/hostname", "", 5, None,
                                                "missing.safetensors",
                                                rng.choice(sorted(set(index["weight_map"].values())))])
@@ -52,15 +54,17 @@ def _mutate(rng: random.Random, ckpt: Path) -> str:
         index = json.loads(index_file.read_text())
         text_keys = sorted(k for k in index["weight_map"] if k.startswith("model.language_model."))
         if rng.random() < 0.5:
-            del index["weight_map"][rng.choice(text_keys)]
+            changed_key = rng.choice(text_keys)
+            del index["weight_map"][changed_key]
         else:
-            index["weight_map"][f"model.language_model.layers.0.extra{rng.randrange(99)}.weight"] = \
-                index["weight_map"][text_keys[0]]
+            changed_key = f"model.language_model.layers.0.extra{rng.randrange(99)}.weight"
+            index["weight_map"][changed_key] = index["weight_map"][text_keys[0]]
         index_file.write_text(json.dumps(index))
     elif kind == "shard truncated":
         shard = rng.choice(sorted(ckpt.glob("*.safetensors")))
         data = shard.read_bytes()
         shard.write_bytes(data[: rng.randrange(len(data))])
+        return kind, shard.name, None
     elif kind == "shard header byte":
         shard = rng.choice(sorted(ckpt.glob("*.safetensors")))
         data = bytearray(shard.read_bytes())
@@ -68,10 +72,12 @@ def _mutate(rng: random.Random, ckpt: Path) -> str:
         at = rng.randrange(0, 8 + header)
         data[at] = (data[at] + rng.randrange(1, 256)) % 256
         shard.write_bytes(bytes(data))
+        return kind, shard.name, None
     else:
         text = (ckpt / "tokenizer.json").read_text()
         (ckpt / "tokenizer.json").write_text(text[: rng.randrange(len(text) - 1)])
-    return kind
+        return kind, "tokenizer.json", None
+    return kind, ("config.json" if kind.startswith("config") else index_file.name), changed_key
 
 
 def test_fuzz_the_loader(tiny_dir, tmp_path, capsys):
@@ -83,11 +89,14 @@ def test_fuzz_the_loader(tiny_dir, tmp_path, capsys):
     outcomes: Counter = Counter()
     for case in range(CASES):
         ckpt = Path(shutil.copytree(tiny_dir, tmp_path / f"case{case}"))
-        kind = _mutate(rng, ckpt)
+        kind, file, key = _mutate(rng, ckpt)
         try:
             model = g3n.load(ckpt)
         except CLEAR as error:
-            assert str(error).strip(), (case, kind)
+            # The README's promise: the error names the file, and the key where there is one.
+            message = str(error)
+            assert file in message, f"case {case} ({kind}): the error does not name {file}: {message}"
+            assert key is None or key in message, f"case {case} ({kind}): the error does not name {key!r}: {message}"
             outcomes[(kind, "clear error")] += 1
             continue
         except Exception as error:  # noqa: BLE001 - the point of the test

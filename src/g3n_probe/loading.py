@@ -39,6 +39,8 @@ from .checkpoint.reading import (
     COMPONENTS,
     DTYPE_BYTES,
     FLOAT_STORAGE,
+    INDEX,
+    SINGLE,
     CheckpointError,
     by_file,
     check_layer_count,
@@ -148,8 +150,9 @@ def plan_keys(directory: Path, config: Any, report: LoadReport) -> KeyPlan:
     missing = sorted(set(expected) - set(text_keys))
     unexpected = sorted(set(text_keys) - set(expected)) + stray_keys(mapping)
     if missing or unexpected:
+        listing = INDEX if (directory / INDEX).exists() else SINGLE   # the file that lists the tensors
         raise CheckpointError(
-            f"{directory} does not match its Gemma 3n config: "
+            f"{directory}: {listing} does not match the Gemma 3n config (config.json): "
             + (f"missing {len(missing)} tensor(s): {', '.join(missing[:20])}" if missing else "")
             + ("; " if missing and unexpected else "")
             + (f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:20])}" if unexpected else "")
@@ -161,14 +164,14 @@ def _checked_shard(plan: KeyPlan, filename: str, keys: list[str], report: LoadRe
     """The lazy slices of one shard's keys, each checked for its dtype and shape (no data read)."""
     path = plan.directory / filename
     if not path.exists():
-        raise CheckpointError(f"{path} is missing; it holds text tensors such as {keys[0]}")
+        raise CheckpointError(f"{path} is missing; {INDEX} names it for text tensors such as {keys[0]}")
     slices = {}
     with open_safetensors(path) as handle:
         report.files_opened.append(filename)
         present = set(handle.keys())
         for key in keys:
             if key not in present:
-                raise CheckpointError(f"{path} does not contain {key}, although the index says it does")
+                raise CheckpointError(f"{path} does not contain {key}, although {INDEX} says it does")
             piece = handle.get_slice(key)
             if piece.get_dtype() not in FLOAT_STORAGE:
                 raise CheckpointError(f"{key} in {filename} is stored as {piece.get_dtype()}; a Gemma 3n weight is "
