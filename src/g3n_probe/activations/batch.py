@@ -19,12 +19,86 @@ from ..points import BY_NAME, MODEL, TABLE, Point, concrete_shape, in_execution_
 
 
 class ActivationCache(dict):
-    """``name -> tensor``, with the bytes it holds and the token ids it was computed on."""
+    """``name -> tensor``, with the bytes it holds and the token ids it was computed on.
 
-    def __init__(self, values: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    TransformerLens' cache helpers work on it with our names and layouts: `stack_activation`,
+    `accumulated_resid` (the layers' stream stacks ``[S,B,T,D]``, not one residual stream), `decompose_resid`
+    (exact through AltUp, for a target); `apply_ln_to_stack` is refused, saying why."""
+
+    #: ``g3n.decompose``, set by `g3n_probe.analysis.decompose` (the layer above this one) when it is imported.
+    decomposer: Callable | None = None
+
+    def __init__(self, values: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 model: Any = None) -> None:
         super().__init__(values)
         self.input_ids = input_ids
         self.attention_mask = attention_mask
+        self.model = model   # for decompose_resid; not pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": None}
+
+    def stack_activation(self, name: str) -> torch.Tensor:
+        """``[L, ...]``: the per-layer point ``name`` (``"mlp_out"``) of every cached layer, in layer order
+        (TransformerLens' ``stack_activation``)."""
+        layers = sorted(layer for layer, base in (split_qualified(key) for key in self) if base == name and layer is not None)
+        if not layers:
+            raise KeyError(f"no layer's {name!r} is in this cache; it holds {', '.join(self)}")
+        return torch.stack([self[f"layers.{layer}.{name}"] for layer in layers])
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          return_labels: bool = False) -> Any:
+        """``[layer + 1, S, B, T, D]``: the stream stacks entering layers 0..``layer`` (``layer`` = L, the default:
+        the last layer's output in place of the L-th), TransformerLens' ``accumulated_resid`` with Gemma 3n's
+        AltUp stacks for its single residual stream (stream 0 is the active one; ``model.lens`` reads a stack
+        out). Needs the layers' ``input``/``output`` cached (``run_with_cache`` caches every point by default)."""
+        if incl_mid:
+            raise ValueError("incl_mid: resid_mid is one stream [B,T,D] (the active one, inside the layer), not a "
+                             "stack [S,B,T,D]: it cannot be stacked with the layers' inputs; read it from the cache")
+        if apply_ln:
+            self.apply_ln_to_stack(None)
+        count = self.model.text_config.num_hidden_layers if self.model is not None else \
+            1 + max(split_qualified(key)[0] or 0 for key in self)
+        layer = count if layer is None else layer
+        if not 0 <= layer <= count:
+            raise ValueError(f"layer {layer} out of range: 0..{count} ({count} = after the last layer)")
+        labels = [f"layers.{i}.input" for i in range(min(layer + 1, count))] + \
+            ([f"layers.{count - 1}.output"] if layer == count else [])
+        missing = [label for label in labels if label not in self]
+        if missing:
+            raise KeyError(f"accumulated_resid needs {missing} in the cache: cache the layers' 'input' and 'output'")
+        stacked = torch.stack([self[label] for label in labels])
+        return (stacked, labels) if return_labels else stacked
+
+    def decompose_resid(self, target: Any, layer: int | None = None, positions: Any = None) -> Any:
+        """The exact decomposition of the stack entering layer ``layer`` (None or L: the last layer's output)
+        along ``target`` (a vector ``[D]`` on every stream, or ``[S, D]``) into the components written before
+        it: ``g3n.decompose(model, inputs, target, at=...)`` on this cache's inputs (TransformerLens'
+        ``decompose_resid``, which returns vectors: through AltUp a component's write is not one vector on one
+        stream, so this returns each component's exact contribution to the target, a `Decomposition`)."""
+        if self.model is None or ActivationCache.decomposer is None:
+            raise ValueError("this cache does not know its model (it was unpickled or built by hand): use "
+                             "g3n.decompose(model, cache.input_ids, target, at='layers.<i>.input')")
+        count = self.model.text_config.num_hidden_layers
+        layer = count if layer is None else layer
+        if not 0 <= layer <= count:
+            raise ValueError(f"layer {layer} out of range: 0..{count} ({count} = after the last layer)")
+        at = f"layers.{layer}.input" if layer < count else f"layers.{count - 1}.output"
+        inputs = self.input_ids if self.attention_mask is None else \
+            {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return ActivationCache.decomposer(self.model, inputs, target, positions=positions, at=at)
+
+    def apply_ln_to_stack(self, residual_stack: Any, layer: int | None = None, **kwargs: Any) -> Any:
+        """Refused: TransformerLens scales a stack of residual vectors by the final LayerNorm's scale, one vector
+        per component. Gemma 3n's final norm reads neither a stack nor a component: after the last layer streams
+        1..3 pass their unembed projections, are rescaled to stream 0's magnitude and averaged, and the norm
+        reads that mean. `g3n.decompose` freezes exactly those scales (each component's exact share of a logit);
+        ``model.lens(stack)`` applies the whole readout to a stack."""
+        raise NotImplementedError(
+            "apply_ln_to_stack has no Gemma 3n equivalent: the final norm reads the mean of the four AltUp streams "
+            "after their unembed projections and rescale, not a residual stream. Use g3n.decompose(model, inputs, "
+            "target) for each component's exact share of a logit (the scales frozen), or model.lens(stack) for "
+            "logits from a stack")
 
     @property
     def nbytes(self) -> int:
@@ -251,7 +325,7 @@ def collect(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int
             if index is not None:
                 value = value.index_select(point.axis("T"), index.to(value.device))
             saved[key] = value.detach().to(device=device, dtype=dtype).save()
-    return ActivationCache(dict(saved), ids, mask)
+    return ActivationCache(dict(saved), ids, mask, model)
 
 
 def check_available(model: Any, resolved: list[tuple[str, Point, int | None]]) -> None:

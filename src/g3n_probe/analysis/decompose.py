@@ -35,7 +35,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .._compat import forward_hooks, global_forward_hooks
-from ..activations.batch import encode_inputs
+from ..activations.batch import ActivationCache, encode_inputs
 from ..checkpoint import module_tree
 from ..points import split_qualified
 from ..probe.lens import stream_magnitudes
@@ -170,6 +170,9 @@ def _where(at: str | None, layers: int) -> tuple[int, str] | None:
     if not -layers <= layer < layers:
         raise ValueError(f"at={at!r}: this model has layers 0..{layers - 1}")
     return layer % layers, side
+
+
+ActivationCache.decomposer = staticmethod(lambda *args, **kwargs: decompose(*args, **kwargs))   # decompose_resid
 
 
 # ---- what the model runs --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .._compat import (
     ProbeModelBase,
     add_envoy,
     base_envoy_value,
+    interleaving,
     is_fake,
     module_of,
     set_base_envoy_value,
@@ -352,6 +353,35 @@ class Gemma3nProbe(ProbeModelBase):
     def W_U(self) -> torch.Tensor:  # TransformerLens' name
         """The unembedding ``[D, V]``: a view of the stock ``lm_head`` weight (tied to ``W_E``)."""
         return tl.unembedding(self)
+
+    @property
+    def cfg(self) -> tl.Config:
+        """TransformerLens' ``cfg`` names (``n_layers``, ``d_model``, ``n_heads``, ``d_head``, ``d_vocab``,
+        ``n_ctx``, ``d_mlp`` …) from the stock text config (`g3n_probe.probe.tl.Config`)."""
+        return tl.config(self)
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is one token (TransformerLens' ``to_single_token``)."""
+        return tl.to_single_token(self, string)
+
+    def run_with_cache(self, input: Any, names_filter: Any = None, device: Any = None, remove_batch_dim: bool = False,
+                       prepend_bos: bool | None = True, padding_side: str | None = None) -> tuple:
+        """``(logits, cache)`` as TransformerLens returns them; the layers' ``input``/``output`` are AltUp stacks
+        ``[S,B,T,D]`` (stream 0, ``[B,T,D]``, is TransformerLens' Gemma 3n ``hook_resid_pre``). See
+        `g3n_probe.probe.tl.run_with_cache`."""
+        return tl.run_with_cache(self, input, names_filter, device, remove_batch_dim, prepend_bos, padding_side)
+
+    def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
+        """Outside a trace, ``model("text")`` (texts, or any input with TransformerLens' ``return_type=``) runs as
+        TransformerLens' ``model(input)``: logits ``[B,T,V]`` (soft-capped), ``"loss"``, ``"both"`` or None
+        (`g3n_probe.probe.tl.forward`). Token ids without those keywords, and every call inside a trace, are
+        nnsight's module call (the stock forward's output)."""
+        first = args[0] if args else None
+        texts = isinstance(first, str) or (isinstance(first, (list, tuple)) and len(first) > 0
+                                           and all(isinstance(text, str) for text in first))
+        if len(args) == 1 and not hook and not interleaving(self) and (texts or "return_type" in kwargs):
+            return tl.forward(self, first, **kwargs)
+        return super().__call__(*args, hook=hook, **kwargs)
 
     # ---- input validation ----
 

@@ -1,6 +1,7 @@
 """TransformerLens conventions on a `Gemma3nProbe`: ``to_tokens``, ``to_str_tokens``, ``to_string``,
-``test_prompt``, ``W_E`` and ``W_U``, with TransformerLens' signatures and output, on the stock model's own
-tokenizer and weights (no copies). The probe's methods of the same names call these.
+``to_single_token``, ``test_prompt``, ``W_E``, ``W_U``, ``cfg``, ``run_with_cache`` and ``model(input)``, with
+TransformerLens' signatures and output, on the stock model's own tokenizer and weights (no copies). The probe's
+methods of the same names call these.
 
 Gemma facts a TransformerLens user should know: the token embedding is scaled by √D when it is looked up
 (``model.embed`` = ``W_E[ids] · √D``), the unembedding is tied to it (``W_U`` is ``W_E.T``), and the logits
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..activations.batch import collect, encode_inputs
+from ..points import BY_NAME, split_qualified
 
 
 def _tokenizer(model: Any) -> Any:
@@ -135,6 +139,142 @@ def test_prompt(model: Any, prompt: str, answer: str, prepend_space_to_answer: b
     lines.append(f"Ranks of the answer tokens: {list(zip(result.answer_tokens, result.ranks))}")
     print("\n".join(lines) if print_details else lines[-1])  # TransformerLens prints the ranks either way
     return result
+
+
+@dataclass(frozen=True)
+class Config:
+    """TransformerLens' ``model.cfg`` names for a Gemma 3n (read from the stock text config; nothing is copied
+    into the model). Gemma 3n extras: ``n_streams`` (AltUp), ``d_ple`` (the per-layer input width),
+    ``n_key_value_heads``, ``d_mlp_per_layer`` (MatFormer widths may differ by layer; ``d_mlp`` is the first)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    d_mlp: int
+    d_mlp_per_layer: tuple
+    n_key_value_heads: int
+    n_streams: int
+    d_ple: int
+    act_fn: str
+    normalization_type: str = "RMS"
+    positional_embedding_type: str = "rotary"
+    final_logit_softcap: float | None = None
+    model_name: str = "gemma-3n"
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+
+def config(model: Any) -> Config:
+    """`Config` of ``model``'s text config."""
+    text = model.text_config
+    widths = text.intermediate_size if isinstance(text.intermediate_size, (list, tuple)) else \
+        [text.intermediate_size] * text.num_hidden_layers
+    return Config(n_layers=text.num_hidden_layers, d_model=text.hidden_size, n_heads=text.num_attention_heads,
+                  d_head=text.head_dim, d_vocab=text.vocab_size, n_ctx=text.max_position_embeddings,
+                  d_mlp=int(widths[0]), d_mlp_per_layer=tuple(int(w) for w in widths),
+                  n_key_value_heads=text.num_key_value_heads, n_streams=text.altup_num_inputs,
+                  d_ple=text.hidden_size_per_layer_input, act_fn=str(text.hidden_activation),
+                  final_logit_softcap=text.final_logit_softcapping)
+
+
+def to_single_token(model: Any, string: str) -> int:
+    """The id of ``string`` when it is exactly one token (no ``<bos>``); an error naming its tokens otherwise."""
+    if not isinstance(string, str):
+        raise TypeError(f"to_single_token takes a string; got {type(string).__name__}")
+    ids = _tokenizer(model)(string, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{string!r} is {len(ids)} tokens ({to_str_tokens(model, ids)}), not one")
+    return int(ids[0])
+
+
+def _encoded(model: Any, input: Any, prepend_bos: bool | None, padding_side: str | None) -> tuple:
+    """Token ids and mask for a TransformerLens-style call: texts with ``prepend_bos``/``padding_side`` as
+    `to_tokens` takes them, anything else through the one input resolver."""
+    if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input)):
+        texts = [input] if isinstance(input, str) else list(input)
+        if any(not text for text in texts):
+            raise ValueError("the input text is empty (''): give at least one character of text, or token ids")
+        tokenizer = _tokenizer(model)
+        side = tokenizer.padding_side
+        if padding_side is not None:
+            tokenizer.padding_side = padding_side
+        try:
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos is not False)
+        finally:
+            tokenizer.padding_side = side
+        return encoded["input_ids"], encoded["attention_mask"]
+    return encode_inputs(model, input)
+
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def forward(model: Any, input: Any, return_type: str | None = "logits", loss_per_token: bool = False,
+            prepend_bos: bool | None = True, padding_side: str | None = None) -> Any:
+    """``model(input)`` as TransformerLens runs it: the (soft-capped) logits ``[B, T, V]``, the mean next-token
+    cross-entropy (``"loss"``; ``loss_per_token`` gives ``[B, T-1]``), both, or None. Not under ``no_grad``."""
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}; got {return_type!r}")
+    if not hasattr(model.hf_model, "lm_head") and return_type is not None:
+        raise ValueError(f"a {type(model.hf_model).__name__} has no lm_head, so no logits: trace it and read points")
+    ids, mask = _encoded(model, input, prepend_bos, padding_side)
+    device = model.hf_model.device
+    ids = ids.to(device)
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    logits = model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    if return_type is None:
+        return None
+    if return_type == "logits":
+        return logits
+    log_probs = logits[:, :-1].float().log_softmax(-1)
+    nll = -log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+    real = (mask[:, 1:] * mask[:, :-1]).float()
+    loss = nll * real if loss_per_token else (nll * real).sum() / real.sum().clamp(min=1)
+    return loss if return_type == "loss" else (logits, loss)
+
+
+def run_with_cache(model: Any, input: Any, names_filter: Any = None, device: Any = None,
+                   remove_batch_dim: bool = False, prepend_bos: bool | None = True,
+                   padding_side: str | None = None) -> tuple:
+    """``(logits, cache)`` as TransformerLens' ``run_with_cache``: the cache holds every point ``names_filter``
+    keeps (None: every point this model has, at every layer; a name, a list of names or a callable of the
+    qualified name). The layers' ``input``/``output`` are the AltUp stream stacks ``[S,B,T,D]`` (TL's
+    ``hook_resid_pre``/``post`` for a single stream; TransformerLens' own Gemma 3n adapter exposes stream 0,
+    ``[B,T,D]``, under that name: take ``cache["layers.3.input"][0]`` for it). ``device`` (default the model's)
+    is where the values go; ``remove_batch_dim`` drops a batch of one."""
+    if names_filter is None:
+        wanted: Any = lambda name: True   # noqa: E731
+    elif isinstance(names_filter, str):
+        wanted = [names_filter]
+    elif callable(names_filter):
+        wanted = names_filter
+    else:
+        wanted = list(names_filter)
+    ids, mask = _encoded(model, input, prepend_bos, padding_side)
+    inputs = ids if mask is None else {"input_ids": ids, "attention_mask": mask}
+    has_logits = hasattr(model.hf_model, "lm_head")
+    keep_logits = (lambda name: True) if names_filter is None else wanted
+    if has_logits:
+        points = (lambda name: name == "logits" or wanted(name)) if callable(wanted) else \
+            [*wanted, *([] if "logits" in wanted else ["logits"])]
+    else:
+        points = wanted
+    cache = collect(model, inputs, points, device=device if device is not None else model.hf_model.device,
+                    verbose=False)
+    logits = cache.get("logits") if has_logits else None
+    if has_logits and not (keep_logits("logits") if callable(keep_logits) else "logits" in keep_logits):
+        del cache["logits"]
+    if remove_batch_dim:
+        if ids.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of one; this one has {ids.shape[0]} rows")
+        for key in list(cache):
+            cache[key] = cache[key].squeeze(BY_NAME[split_qualified(key)[1]].batch_axis)
+    return logits, cache
 
 
 def embedding(model: Any) -> torch.Tensor:
