@@ -100,8 +100,10 @@ def test_reference_clip_changes_activations_exactly_from_the_planted_layer(plant
 def test_bad_altup_clip_and_empty_prompt(tiny_dir, probe):
     with pytest.raises(ValueError, match="altup_clip"):
         g3n.load(tiny_dir, altup_clip="sometimes")
-    with pytest.raises(ValueError, match="tokenizes to nothing"):
+    with pytest.raises(ValueError, match="empty"):   # the input resolver refuses '' for every entry point
         g3n.audit(probe, "")
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        g3n.audit(probe, "<bos>")
 
 
 def test_audit_cli(planted_dir, capsys):
