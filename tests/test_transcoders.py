@@ -273,6 +273,10 @@ def test_bad_input_is_a_clear_error_before_any_forward(probe):
             g3n.sae.evaluate_replacement(probe, [], {1: good})
         with pytest.raises(TranscoderError, match="feature_output_hook"):
             g3n.sae.TranscoderSet({1: good}, output_hook="blocks.1.hook_resid_post")
+        elsewhere = g3n.sae.Transcoder(*(w[k].to("meta") for k in ("W_enc", "W_dec", "b_enc", "b_dec")))
+        with pytest.raises(TranscoderError, match="layer 2's transcoder is on meta"):
+            with g3n.sae.replaced(probe, {2: elsewhere}):
+                pass
     finally:
         handle.remove()
 
