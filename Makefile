@@ -13,14 +13,19 @@ $(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev,docs]"
 	touch $@
 
-.PHONY: install demo test bench gpu-check docs docs-serve
+.PHONY: install demo test test-fast bench gpu-check docs docs-serve
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/g3n-probe demo
 
+# Every test, on 2 xdist workers of one thread each (two processes of 2 OpenMP threads on 2 cores slow both
+# ~100x). test-fast: the same without the slow lanes (notebooks, fuzz, torchrun, grids, the CPU GPU check).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+
+test-fast: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow"
 
 # The site from docs/ into site/, offline; --strict: a broken link, a missing page or a warning fails it.
 docs: $(VENV)/.docs-installed

@@ -42,6 +42,9 @@ def test_a_planted_back_edge_breaks_the_contract(tmp_path):
 
 def _function_local_project_imports(tree: ast.Module) -> list[int]:
     top = {id(node) for node in tree.body}
+    for node in tree.body:   # ``if TYPE_CHECKING:`` imports (annotations only) are module-level too
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            top |= {id(child) for child in node.body}
     lines = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and id(node) not in top and (node.level or "g3n_probe" in (node.module or "")):

@@ -138,7 +138,7 @@ def test_weights_digest_sees_one_changed_weight(probe):
 
     from g3n_probe.activations.writer import weights_digest
 
-    module = probe._module
+    module = probe.hf_model
     clone = copy.deepcopy(module)
     assert weights_digest(clone) == weights_digest(module)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_resume_refuses_another_model_naming_what_differs(probe, tiny_dir, tmp_p
     _run(probe, out)
     other = g3n.load(tiny_dir)
     with torch.no_grad():
-        other._module.model.language_model.layers[5].mlp.down_proj.weight[0, 0] += 0.5
+        other.hf_model.model.language_model.layers[5].mlp.down_proj.weight[0, 0] += 0.5
     with pytest.raises(ValueError, match="the model's weights differ"):
         _run(other, out)
     with pytest.raises(ValueError, match="the positions"):
@@ -315,7 +315,7 @@ def test_weights_digest_sees_two_flipped_signs(probe, tiny_dir, tmp_path):
 
     other = g3n.load(tiny_dir)
     assert weights_digest(other.hf_model) == weights_digest(probe.hf_model)
-    _flip_two_signs(other._module)
+    _flip_two_signs(other.hf_model)
     assert weights_digest(other.hf_model) != weights_digest(probe.hf_model)
     out = tmp_path / "acts"
     _run(probe, out)
@@ -349,7 +349,7 @@ def test_shards_without_a_manifest_are_never_adopted(probe, tiny_dir, tmp_path, 
     (out / "manifest.json").unlink()
     before = _contents(out)
     other = g3n.load(tiny_dir)
-    _flip_two_signs(other._module)
+    _flip_two_signs(other.hf_model)
     with pytest.raises(ValueError, match=r"holds shards but no manifest.json, and they are not this run's: "
                                          r"shard-000000.safetensors \(made by another run\)"):
         _run(other, out)

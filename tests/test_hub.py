@@ -77,7 +77,7 @@ def tower_byte_ranges(directory: Path) -> dict[str, list[tuple[int, int]]]:
 
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
-        return model._module(IDS).logits
+        return model.hf_model(IDS).logits
 
 
 def test_the_fixture_mixes_towers_into_text_shards(mixed):

@@ -142,9 +142,9 @@ def test_inject_twice_and_non_gemma_models_are_refused(stock):
 
 
 def test_load_goes_through_the_same_injection(probe):
-    injection = g3n.Injection.of(probe._module)
+    injection = g3n.Injection.of(probe.hf_model)
     assert injection is probe.injection
-    assert injection.points["layers.0.altup_predict"] is probe._module.model.language_model.layers[0].altup_predict
+    assert injection.points["layers.0.altup_predict"] is probe.hf_model.model.language_model.layers[0].altup_predict
 
 
 def test_inject_respects_the_users_dtype(stock, ids):
@@ -401,7 +401,7 @@ def test_gradient_at_every_point_equals_stock_autograd(probe, probe_eager, stock
             logits = model.logits.output
         with logits[0, -1, 7].backward():
             grad = value.grad.save()
-    model._module.zero_grad(set_to_none=True)
+    model.hf_model.zero_grad(set_to_none=True)
     expected = _stock_gradient(reference, ids, name, layer)
     assert grad.shape == expected.shape
     assert torch.equal(grad, expected)
@@ -446,7 +446,7 @@ def test_layer_index_errors_say_how_many_layers(probe):
         probe.layers[count]
     with pytest.raises(IndexError, match=f"layer -{count + 1} is out of range"):
         probe.layers[-count - 1]
-    assert probe.layers[-1]._module is probe._module.model.language_model.layers[count - 1]
+    assert probe.layers[-1]._module is probe.hf_model.model.language_model.layers[count - 1]
     assert len(probe.layers) == count and len(probe.layers[1:3]) == 2
 
 
@@ -461,7 +461,7 @@ def test_an_interrupt_inside_a_trace_leaves_no_state(probe, stock, ids, interrup
     injection = probe.injection
     assert all(point.pending is None for point in injection.points.values())
     assert all(guard.expected is None for guard in injection.stateful)
-    routes = [m.__dict__[k] for m in probe._module.modules() for k in ("predict", "correct", "compute_router_modalities")
+    routes = [m.__dict__[k] for m in probe.hf_model.modules() for k in ("predict", "correct", "compute_router_modalities")
               if k in m.__dict__]
     assert routes and all(route.running == 0 for route in routes)
     with probe.trace(ids):

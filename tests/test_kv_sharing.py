@@ -28,7 +28,7 @@ def test_store_layer_key_write_reaches_reuse_layer(probe_eager, ids):
 
 
 def test_reuse_layers_have_no_kv_projections(probe):
-    layers = probe._module.model.language_model.layers
+    layers = probe.hf_model.model.language_model.layers
     for i, mode in enumerate(probe.text_config.kv_sharing_modes):
         assert hasattr(layers[i].self_attn, "k_proj") == (mode != "reuse")
 

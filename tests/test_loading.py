@@ -29,7 +29,7 @@ def test_stock_class_text_only(probe):
 
     from g3n_probe.checkpoint.towers import TowerStub
 
-    module = probe._module
+    module = probe.hf_model
     assert type(module) is Gemma3nForConditionalGeneration
     assert isinstance(module.model.vision_tower, TowerStub)
     assert isinstance(module.model.audio_tower, TowerStub)
@@ -48,7 +48,7 @@ def test_state_dict_keys_are_the_checkpoint_text_keys(probe, tiny_dir):
         if k.startswith(("model.language_model.", "model.embed_vision.", "model.embed_audio."))
         and not any(k.startswith(f"model.language_model.layers.{i}.self_attn.{n}") for i in shared for n in ("k_", "v_"))
     }
-    assert set(probe._module.state_dict()) - {"lm_head.weight"} == text_keys
+    assert set(probe.hf_model.state_dict()) - {"lm_head.weight"} == text_keys
 
 
 def test_logits_equal_stock_for_vision_and_audio_range_ids(probe, stock, ids):
@@ -58,7 +58,7 @@ def test_logits_equal_stock_for_vision_and_audio_range_ids(probe, stock, ids):
         logits = probe.logits.output.save()
     assert torch.equal(logits, stock_forward(stock, ids).logits)
     with torch.no_grad():
-        plain = probe._module(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        plain = probe.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert torch.equal(plain, logits)
 
 
@@ -92,7 +92,7 @@ def test_no_timm_no_pil_and_no_tower_tensor_read(tiny_dir, tmp_path):
             logits = model.logits.output.save()
         r = model.load_report
         assert not any(m.split('.')[0] in ('timm', 'PIL', 'torchvision') for m in sys.modules), 'tower deps imported'
-        tower = [k for k in model._module.state_dict() if 'tower' in k]
+        tower = [k for k in model.hf_model.state_dict() if 'tower' in k]
         assert not tower, tower
         print('OK', r.tensors_read, r.bytes_read, ','.join(r.files_opened))
         """
@@ -100,7 +100,7 @@ def test_no_timm_no_pil_and_no_tower_tensor_read(tiny_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _, count, nbytes, files = done.stdout.split()[-4:]
-    expected = len(g3n.load(tiny_dir)._module.state_dict()) - 1  # lm_head is tied, not read
+    expected = len(g3n.load(tiny_dir).hf_model.state_dict()) - 1  # lm_head is tied, not read
     assert int(count) == expected
     assert set(files.split(",")) == text_files
 
@@ -108,8 +108,8 @@ def test_no_timm_no_pil_and_no_tower_tensor_read(tiny_dir, tmp_path):
 def test_load_report_counts_only_text_tensors(probe, tiny_dir):
     r = probe.load_report
     assert r.tower_tensors_in_checkpoint["audio"] > 0 and r.tower_tensors_in_checkpoint["vision"] > 0
-    assert r.tensors_read == len(probe._module.state_dict()) - 1
-    params = sum(p.numel() * p.element_size() for p in probe._module.parameters())
+    assert r.tensors_read == len(probe.hf_model.state_dict()) - 1
+    params = sum(p.numel() * p.element_size() for p in probe.hf_model.parameters())
     assert r.bytes_read == params
     assert len(r.skipped_kv_shared) == 2 * 3  # two reuse layers x (k_proj, v_proj, k_norm)
 
@@ -135,9 +135,9 @@ def test_load_audio_tower_matches_stock(tiny_dir):
 
 def test_unloaded_towers_say_how_to_load(probe):
     with pytest.raises(g3n.TowerNotLoadedError, match=r"load_tower\('audio'\)"):
-        probe._module.model.audio_tower(torch.zeros(1, 4, 16), torch.zeros(1, 4, dtype=torch.bool))
+        probe.hf_model.model.audio_tower(torch.zeros(1, 4, 16), torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(g3n.TowerNotLoadedError, match="towers"):
-        probe._module.model.vision_tower(torch.zeros(1, 3, 8, 8))
+        probe.hf_model.model.vision_tower(torch.zeros(1, 3, 8, 8))
 
 
 def test_vision_tower_needs_the_towers_extra(tiny_dir):
@@ -153,7 +153,7 @@ def test_vision_tower_needs_the_towers_extra(tiny_dir):
 
 
 def test_tower_stub_keeps_config_and_locations(probe, tiny_dir):
-    stub = probe._module.model.audio_tower
+    stub = probe.hf_model.model.audio_tower
     assert stub.config.model_type == "gemma3n_audio"
     assert stub.checkpoint_dir == tiny_dir
     assert all(k.startswith("model.audio_tower.") for k in stub.tensor_files)
@@ -174,13 +174,13 @@ def test_stubs_work_for_positional_and_keyword_config():
 
 
 def test_defaults_on_cpu(probe):
-    assert probe._module.device.type == "cpu"
-    assert probe._module.dtype == torch.float32
+    assert probe.hf_model.device.type == "cpu"
+    assert probe.hf_model.dtype == torch.float32
 
 
 def test_bfloat16_load(tiny_dir):
     model = g3n.load(tiny_dir, dtype=torch.bfloat16)
-    assert model._module.dtype == torch.bfloat16
+    assert model.hf_model.dtype == torch.bfloat16
     with model.trace(torch.tensor([[2, 5, 6]])):
         logits = model.logits.output.save()
     assert logits.dtype == torch.bfloat16

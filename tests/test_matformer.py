@@ -86,7 +86,7 @@ def test_submodel_equals_the_sliced_checkpoint(parent_dir, tmp_path):
         expected = reference.logits.output.save()
     assert mlp.shape[-1] == width
     assert torch.equal(logits, expected)
-    for (ka, va), (kb, vb) in zip(sorted(sub._module.state_dict().items()), sorted(reference._module.state_dict().items())):
+    for (ka, va), (kb, vb) in zip(sorted(sub.hf_model.state_dict().items()), sorted(reference.hf_model.state_dict().items())):
         assert ka == kb and torch.equal(va, vb), ka
     kv = sub.text_config.kv_sharing_modes
     assert kv == ["store" if i in (3, 4) else None for i in range(5)] + ["reuse"] * 3

@@ -130,5 +130,5 @@ def test_nothing_outlives_a_trace_that_raises(probe, stock, ids):
     with probe.trace(ids):
         logits = probe.logits.output.save()
     assert torch.equal(logits, stock_forward(stock, ids).logits)
-    for layer in probe._module.model.language_model.layers:
+    for layer in probe.hf_model.model.language_model.layers:
         assert layer.__dict__.get("_g3n_per_layer_input") is None

@@ -16,7 +16,7 @@ def host_probe(tiny_dir):
 
 
 def test_host_lookup_is_installed_and_exact(host_probe, stock, ids):
-    table = host_probe._module.model.language_model.embed_tokens_per_layer
+    table = host_probe.hf_model.model.language_model.embed_tokens_per_layer
     assert is_host_resident(table)
     assert table.weight.device.type == "cpu"
     with host_probe.trace(ids):
@@ -58,7 +58,7 @@ def test_ids_outside_the_table_map_to_row_zero(host_probe, ids):
     text_vocab = host_probe.text_config.vocab_size_per_layer_input
     with host_probe.trace(ids):
         tokens = host_probe.ple_tokens.output.save()
-    table = host_probe._module.model.language_model.embed_tokens_per_layer
+    table = host_probe.hf_model.model.language_model.embed_tokens_per_layer
     row0 = (table.weight[0] * table.embed_scale).reshape(tokens.shape[-2:])
     outside = (ids[0] >= text_vocab).nonzero().flatten()
     assert len(outside) >= 2

@@ -131,7 +131,7 @@ def test_resid_mid_write_reaches_mlp_input_and_residual(probe, ids):
         mlp_out = probe.layers[layer].mlp_out.output.save()
         corrected = probe.layers[layer].altup_correct.output.save()
     assert torch.equal(mlp_in, torch.ones_like(mlp_in))  # the MLP input saw the write
-    altup = probe._module.model.language_model.layers[layer].altup
+    altup = probe.hf_model.model.language_model.layers[layer].altup
     with torch.no_grad():
         expected = type(altup).correct(altup, predicted, torch.ones_like(mlp_out) + mlp_out)
     assert torch.equal(corrected, expected)  # and so did the residual add feeding AltUp correct
@@ -214,7 +214,7 @@ def test_every_table_row_is_reachable(probe, ids):
 def test_plain_torch_hooks_on_points_without_a_trace(probe, stock, ids):
     """HookPoints are ordinary modules: a torch forward hook sees (and may replace) the value with
     no trace at all, and altup_correct is still a pre-PLE snapshot for it."""
-    layer = probe._module.model.language_model.layers[2]
+    layer = probe.hf_model.model.language_model.layers[2]
     seen = {}
     handles = [
         layer.altup_correct.register_forward_hook(lambda m, a, o: seen.__setitem__("correct", o)),
@@ -222,7 +222,7 @@ def test_plain_torch_hooks_on_points_without_a_trace(probe, stock, ids):
     ]
     try:
         with torch.no_grad():
-            logits = probe._module(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            logits = probe.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     finally:
         for handle in handles:
             handle.remove()

@@ -276,6 +276,19 @@ def test_splices_leave_nothing_behind(probe, ids):
         probe.layers[3].mlp_out.output.save()
 
 
+def test_spliced_names_its_point_point_and_still_takes_name_for_a_release(probe, ids):
+    """One word for "which point" across g3n.sae (``point``, as evaluate and train take it)."""
+    with g3n.sae.spliced(probe, point="layers.3.mlp_out", sae=ToySAE()) as s, probe.trace(ids):
+        features = s.features.output.save()
+    with pytest.warns(DeprecationWarning, match="point="):
+        with g3n.sae.spliced(probe, name="layers.3.mlp_out", sae=ToySAE()) as s, probe.trace(ids):
+            old = s.features.output.save()
+    assert torch.equal(features, old)
+    with pytest.raises(TypeError, match="both name= and point="):
+        with g3n.sae.spliced(probe, name="layers.3.mlp_out", point="layers.3.mlp_out", sae=ToySAE()):
+            pass
+
+
 def test_bad_splices_are_clear_errors(probe):
     with pytest.raises(ValueError, match="not a stream stack"):
         with g3n.sae.spliced(probe, "layers.3.mlp_out", ToySAE(), stream=1):

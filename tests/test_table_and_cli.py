@@ -42,13 +42,13 @@ def test_qualified_names_split_back_into_layer_and_point():
 
 
 def test_injected_points_follow_the_table(probe):
-    layer = probe._module.model.language_model.layers[0]
+    layer = probe.hf_model.model.language_model.layers[0]
     from g3n_probe.points import HookPoint
 
     injected = [name for name, module in layer.named_children() if isinstance(module, HookPoint)]
     expected = [p.name for p in POINTS if p.scope == "layer" and not isinstance(p.route, ModuleItself)]
     assert injected == expected
-    model_level = [name for name, module in probe._module.named_children() if isinstance(module, HookPoint)]
+    model_level = [name for name, module in probe.hf_model.named_children() if isinstance(module, HookPoint)]
     assert model_level == [p.name for p in POINTS if p.scope == "model"]
 
 

@@ -50,7 +50,7 @@ def is_traced(module: torch.nn.Module) -> bool:
     return state is not None and state.active()[0] is not None
 
 
-def module_of(envoy: Envoy) -> torch.nn.Module:
+def module_of(envoy: Envoy) -> Any:
     """The torch module an nnsight envoy stands for."""
     return envoy._module
 
@@ -174,8 +174,9 @@ class ModelOnlyPipeline:
 
 class ProbeModelBase(TransformersModel):
     """nnsight's ``TransformersModel`` with its private steps renamed to hooks a subclass overrides:
-    ``check_inputs`` (before the batch is sized), ``prepare_call`` (the forward's arguments),
-    ``wrap_without_tokenizer`` (nnsight insists on a tokenizer for its pipeline), ``batcher_class``."""
+    ``_check_inputs`` (before the batch is sized), ``_prepare_call`` (the forward's arguments), ``_run_call`` (around it),
+    ``_wrap_without_tokenizer`` (nnsight insists on a tokenizer for its pipeline), ``batcher_class``; and
+    ``_stock_generate``, nnsight's own ``generate``. Private: they are the probe's plumbing, not its API."""
 
     batcher_class: type = Batcher
 
@@ -183,32 +184,32 @@ class ProbeModelBase(TransformersModel):
         super().__init_subclass__(**kwargs)
         cls._batcher_class = cls.batcher_class
 
-    def check_inputs(self, inputs: tuple, kwargs: dict) -> None:
+    def _check_inputs(self, inputs: tuple, kwargs: dict) -> None:
         """Raise for inputs nnsight would otherwise fail on deep inside."""
 
-    def prepare_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _prepare_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return inputs, kwargs
 
-    def run_call(self, call: Callable[[], Any]) -> Any:
+    def _run_call(self, call: Callable[[], Any]) -> Any:
         return call()
 
-    def wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
+    def _wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
         """Return the module to skip nnsight's pipeline (no tokenizer), or None to build it."""
         return None
 
     def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
-        self.check_inputs(inputs, kwargs)
+        self._check_inputs(inputs, kwargs)
         return super()._batch_size(*inputs, **kwargs)
 
     def _wrap(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        bare = self.wrap_without_tokenizer(module)
+        bare = self._wrap_without_tokenizer(module)
         return bare if bare is not None else super()._wrap(module, *args, **kwargs)
 
     def _call(self, *inputs: Any, **kwargs: Any) -> Any:
-        inputs, kwargs = self.prepare_call(inputs, kwargs)
-        return self.run_call(lambda: super(ProbeModelBase, self)._call(*inputs, **kwargs))
+        inputs, kwargs = self._prepare_call(inputs, kwargs)
+        return self._run_call(lambda: super(ProbeModelBase, self)._call(*inputs, **kwargs))
 
-    def stock_generate(self, *inputs: Any, **kwargs: Any) -> Any:
+    def _stock_generate(self, *inputs: Any, **kwargs: Any) -> Any:
         """nnsight's ``generate`` body, without its ``@traceable`` wrapper (the subclass's own carries it)."""
         return TransformersModel.generate.__wrapped__(self, *inputs, **kwargs)
 

@@ -3,8 +3,10 @@ and the distributed readers and writers."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,3 +47,23 @@ def rank_world(from_environment: bool = True) -> tuple[int, int]:
     if from_environment:
         return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return 0, 1
+
+
+def renamed_keyword(old: str, new: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``old=`` still works for one release as ``new=``, with a DeprecationWarning (one word, one
+    meaning across the API: the argument that names a point is ``point``)."""
+
+    def rename(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def renamed(*args: Any, **kwargs: Any) -> Any:
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{function.__name__}() got both {old}= and {new}= (they are one argument)")
+                warnings.warn(f"{function.__name__}({old}=...) is now {function.__name__}({new}=...); "
+                              f"{old}= goes in a later release", DeprecationWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return renamed
+
+    return rename

@@ -21,12 +21,15 @@ can reach. `audit` finds each for a checkpoint and inputs:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..activations.batch import encode_inputs
 from ..checkpoint import module_tree
+
+if TYPE_CHECKING:
+    from ..probe import Gemma3nProbe
 
 EPSILON_SQUARED = 1e-5  # transformers' clamp on the mean square
 
@@ -72,7 +75,7 @@ class AuditReport:
 def coefficients_beyond_clip(module: Any) -> list[dict]:
     text = module.config.get_text_config()
     clip = text.altup_coef_clip
-    found = []
+    found: list[dict] = []
     if clip is None:
         return found
     for i, layer in enumerate(module_tree.text_model(module).layers):
@@ -88,7 +91,7 @@ def _mean_square(projected: torch.Tensor) -> torch.Tensor:
     return torch.mean(projected.float() ** 2, dim=-1)
 
 
-def audit(model: Any, inputs: str | Sequence[str] | torch.Tensor | None = None) -> AuditReport:
+def audit(model: Gemma3nProbe, inputs: str | Sequence[str] | torch.Tensor | None = None) -> AuditReport:
     """Audit a loaded probe (and, with ``inputs``, those prompts) against the reference's arithmetic."""
     module = model.hf_model
     text = module.config.get_text_config()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -40,6 +40,9 @@ from ..checkpoint import module_tree
 from ..points import split_qualified
 from ..probe.lens import stream_magnitudes
 from .decompose_view import DecompositionTable, plot_decomposition
+
+if TYPE_CHECKING:
+    from ..probe import Gemma3nProbe
 
 COMPONENTS = ("attn_out", "laurel_branch", "mlp_out", "ple_out")
 
@@ -401,7 +404,7 @@ def _neuron_splitter(model: Any, inputs: Any, index: torch.Tensor, on_xs: dict[i
     return split
 
 
-def decompose(model: Any, inputs: Any, target: Any, positions: Sequence[int] | int | None = None,
+def decompose(model: Gemma3nProbe, inputs: Any, target: Any, positions: Sequence[int] | int | None = None,
               at: str | None = None) -> Decomposition:
     """The exact decomposition of ``target`` into components (see the module doc).
 
@@ -429,6 +432,7 @@ def _decompose(model: Any, inputs: Any, target: Any, positions: Sequence[int] | 
     index = torch.tensor(chosen, device=ids.device)
     saved = _capture(model, ids, mask, index, where)
     if where is None:
+        assert direction is not None
         covector, last = _readout_covector(model, saved, direction), layers - 1
         total = _target_on_real_logits(model, saved["merged"], direction)
     else:

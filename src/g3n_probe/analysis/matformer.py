@@ -26,7 +26,7 @@ from ..checkpoint.reading import component_of
 from ..checkpoint.towers import build_text_only
 from ..probe.gemma3n_probe import Gemma3nProbe
 
-PRESETS = {"e2b": {"layers_to_skip": list(range(20, 25)), "ffn_width": 8192, "parent_layers": 35}}
+PRESETS: dict[str, dict[str, Any]] = {"e2b": {"layers_to_skip": list(range(20, 25)), "ffn_width": 8192, "parent_layers": 35}}
 
 
 def submodel_config(config: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | Sequence[int] | None = None):
@@ -103,7 +103,7 @@ def sliced_state_dict(state: dict[str, torch.Tensor], config: Any, kept: list[in
     return out
 
 
-def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | Sequence[int] | None = None,
+def submodel(model: Gemma3nProbe, layers_to_skip: Sequence[int] = (), ffn_widths: int | Sequence[int] | None = None,
              preset: str | None = None) -> Any:
     """A new `Gemma3nProbe` whose weights are slices of ``model``'s (see the module docstring).
 
@@ -142,7 +142,7 @@ def submodel(model: Any, layers_to_skip: Sequence[int] = (), ffn_widths: int | S
     return Gemma3nProbe(child, tokenizer=model.tokenizer)
 
 
-def save(sub: Any, path: str | os.PathLike) -> Path:
+def save(sub: Gemma3nProbe, path: str | os.PathLike) -> Path:
     """Write a sub-model as a text-only checkpoint `g3n_probe.load` reads (towers are not included)."""
     from safetensors.torch import save_file
 

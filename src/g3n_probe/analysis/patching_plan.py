@@ -328,13 +328,14 @@ def reuse_order(cells: Sequence[tuple[int, int]], pairs: int, chunk: int, runs: 
     variants keep their order (execution order)."""
     layer_rank = {layer: i for i, layer in enumerate(sorted({layer for layer, _ in cells}))}
     token_rank = {token: i for i, token in enumerate(sorted({token for _, token in cells}))}
-    candidates = []
-    for width in _band_widths(len(layer_rank)):
-        candidates.append(sorted(range(len(cells)), key=lambda v, w=width: (
-            layer_rank[cells[v][0]] // w, cells[v][1], cells[v][0], v)))
-    for width in _band_widths(len(token_rank)):
-        candidates.append(sorted(range(len(cells)), key=lambda v, w=width: (
-            token_rank[cells[v][1]] // w, cells[v][0], cells[v][1], v)))
+
+    def banded(rank: dict[int, int], axis: int, width: int) -> list[int]:
+        """Variants by bands of ``width`` along ``axis`` (0: layers, 1: positions), the other axis inside."""
+        return sorted(range(len(cells)), key=lambda v: (rank[cells[v][axis]] // width, cells[v][1 - axis],
+                                                        cells[v][axis], v))
+
+    candidates = [banded(layer_rank, 0, width) for width in _band_widths(len(layer_rank))]
+    candidates += [banded(token_rank, 1, width) for width in _band_widths(len(token_rank))]
     if not candidates:
         return []
     costs = [float(chunk_work(order, cells, pairs, chunk, runs, tokens, cut).sum()) for order in candidates]

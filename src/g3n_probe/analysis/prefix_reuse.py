@@ -72,6 +72,7 @@ class TargetRun:
     def suffix(self, target_ids: torch.Tensor, pair_index: torch.Tensor, start: int) -> tuple[torch.Tensor, dict]:
         """Token ids ``[rows, T − start]`` of the rows' pairs and the trace's keywords: a KV cache of each
         row's pair at positions < start, the mask over all T positions, positions start … T − 1."""
+        assert self.kv is not None, "a suffix needs the target's keys and values"
         rows = len(pair_index)
         kv = []
         for keys, values in self.kv:
@@ -88,6 +89,7 @@ class TargetRun:
         """For each skipped KV 'store' layer, a hook that hands the KV-reuse layers the target's keys and
         values at all T positions for each row's pair (what the layer would have computed: no row differs from
         the target before its first patched layer). Remove the returned handles after the forward."""
+        assert self.kv is not None, "sharing a store layer needs the target's keys and values"
         config = model.text_config
         handles = []
         for layer in skipped:

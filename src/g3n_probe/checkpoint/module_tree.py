@@ -40,13 +40,13 @@ def text_model_path(root: nn.Module) -> str:
     )
 
 
-def text_model(root: nn.Module) -> nn.Module:
+def text_model(root: nn.Module) -> Any:
     """The ``Gemma3nTextModel`` of any of the four stock classes."""
     path = text_model_path(root)
     return root.get_submodule(path) if path else root
 
 
-def per_layer_table(root: nn.Module) -> nn.Module:
+def per_layer_table(root: nn.Module) -> Any:
     """The per-layer-embedding module (``Gemma3nTextScaledWordEmbedding``, [vocab, L·P])."""
     return text_model(root).get_submodule(PER_LAYER_TABLE)
 

@@ -49,11 +49,9 @@ from .table import (
     split_qualified,
 )
 
+# What users touch: the table and its lookups, the point and hook-point types, injection and its errors. The
+# names imported above beyond these serve the package's own modules (routes, stacks, listings) and tests.
 __all__ = [
-    "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS",
-    "STACK_ROWS", "TABLE", "AttentionWeights", "HookPoint", "Injection", "InjectionError", "InputOf",
-    "KeyValueOutputOf", "LayerArgument", "LayerStack", "Offset", "SquareTransposed", "View", "MethodResult", "MethodRoute", "ModuleItself", "OutputOf", "Point",
-    "PointWriteError", "RootOutput", "Route", "SplitLast", "StreamBatcher", "batch_dim", "check_write", "checked_stream",
-    "concrete_shape", "execution_rank", "in_execution_order", "inject", "listing", "mark_stack",
-    "markdown_table", "method_route", "rekeep_arguments", "serve", "split_qualified",
+    "BY_NAME", "LAYER", "LAYER_POINTS", "MODEL", "MODEL_POINTS", "POINTS", "TABLE",
+    "HookPoint", "Injection", "InjectionError", "Point", "PointWriteError", "inject", "split_qualified",
 ]

@@ -81,7 +81,7 @@ class LayerEnvoy(Envoy):
     def inputs(self, value: Any) -> Any:
         return value
 
-    @inputs.postprocess
+    @inputs.postprocess  # type: ignore[no-redef]  # nnsight's eproperty: a second def of the name
     def inputs(self, value: Any) -> Any:
         return rekeep_arguments(module_of(self), value)
 
@@ -199,7 +199,7 @@ class Gemma3nProbe(ProbeModelBase):
         self.injection = injection
         self.load_report = load_report
 
-    def wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
+    def _wrap_without_tokenizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
         can_generate = getattr(module, "can_generate", None)
         if self.tokenizer is not None and callable(can_generate) and can_generate():
             return None
@@ -211,7 +211,7 @@ class Gemma3nProbe(ProbeModelBase):
         return module
 
     @property
-    def hf_model(self) -> torch.nn.Module:
+    def hf_model(self) -> Any:   # a stock Gemma 3n model; Any, as torch types every submodule attribute Tensor | Module
         """The stock transformers model this probe wraps (points injected)."""
         return module_of(self)
 
@@ -416,7 +416,7 @@ class Gemma3nProbe(ProbeModelBase):
         kwargs.setdefault("tracer_cls", ExclusiveTracer)
         return super().trace(*inputs, **kwargs)
 
-    def check_inputs(self, inputs: tuple, kwargs: dict) -> None:
+    def _check_inputs(self, inputs: tuple, kwargs: dict) -> None:
         if inputs:
             _check_input(inputs[0])
         first = inputs[0] if inputs else None
@@ -431,7 +431,7 @@ class Gemma3nProbe(ProbeModelBase):
         except OutOfOrderError as error:
             raise self.injection.explain_out_of_order(error) from None
 
-    def prepare_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _prepare_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._validate(inputs, kwargs)
         # A trace is one forward: a KV cache would only cost memory (pass use_cache=True to keep one).
         kwargs.setdefault("use_cache", False)
@@ -441,7 +441,7 @@ class Gemma3nProbe(ProbeModelBase):
         self.injection.served.clear()
         return inputs, kwargs
 
-    def run_call(self, call: Any) -> Any:
+    def _run_call(self, call: Any) -> Any:
         try:
             return call()
         except BaseException:
@@ -476,7 +476,7 @@ class Gemma3nProbe(ProbeModelBase):
                 "as tracer:), or call generate outside the trace."
             )
         self._validate(inputs, kwargs)
-        return self.stock_generate(*inputs, **kwargs)
+        return self._stock_generate(*inputs, **kwargs)
 
     # ---- towers ----
 

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 
 from .._compat import add_envoy, interleaving, module_of, remove_envoy, tensor_version
+from .._util import renamed_keyword
 from ..points import BY_NAME, HookPoint, Injection, checked_stream, concrete_shape, mark_stack, split_qualified
 
 
@@ -342,13 +343,15 @@ def splice_transcoder(layer: Any, transcoder: Any, error: bool = True) -> Any:
     return attached.envoy
 
 
+@renamed_keyword("name", "point")
 @contextmanager
-def spliced(model: Any, name: str, sae: Any, error: bool = True, stream: int | None = None) -> Iterator[Any]:
+def spliced(model: Any, point: str, sae: Any, error: bool = True, stream: int | None = None) -> Iterator[Any]:
     """``with spliced(model, "layers.3.mlp_out", sae) as s:`` — every forward inside (traces, ``generate``, plain
     calls of ``model.hf_model``) passes the point's value through ``sae``; ``s.features.output`` and
-    ``s.error.output`` are points in any trace inside. ``name`` is a qualified point name, a layer stack
-    (``"layers.2.output"``, ``stream=k`` for one stream) or ``"layers.<i>.mlp"`` for a transcoder."""
-    attached = attach(site_of(model, name), sae, error=error, stream=stream)
+    ``s.error.output`` are points in any trace inside. ``point`` is a qualified point name, a layer stack
+    (``"layers.2.output"``, ``stream=k`` for one stream) or ``"layers.<i>.mlp"`` for a transcoder, as for
+    `evaluate` and `train` (``name=`` still works, with a DeprecationWarning)."""
+    attached = attach(site_of(model, point), sae, error=error, stream=stream)
     try:
         yield attached.envoy
     finally:
