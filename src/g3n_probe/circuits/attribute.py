@@ -86,7 +86,7 @@ def prompt_ids(model: Any, inputs: Any) -> torch.Tensor:
     return ids.long()
 
 
-def _memory_check(nodes: int, batch: int, tokens: int, model: Any) -> None:
+def _memory_check(nodes: int, tokens: int, model: Any) -> None:
     """Refuse a graph whose adjacency would not fit, stating what it needs."""
     adjacency = nodes * nodes * 4
     device = model.hf_model.device
@@ -135,7 +135,6 @@ class _Rows:
                  layers: int) -> None:
         self.frozen, self.sources, self.tset, self.covectors = frozen, sources, tset, covectors
         self.layers = list(range(layers))
-        self.batch = frozen.stack_leaf.shape[1]
         self.tokens = frozen.stack_leaf.shape[2]
         self.n_features = len(sources.feature_index)
 
@@ -224,8 +223,8 @@ def attribute(model: Any, inputs: Any, transcoders: Any, *, max_logits: int = 10
         covectors = logit_covectors(hf, frozen.last_stack[:, 0, -1].detach(), merged, tokens)
         rows = _Rows(frozen, sources, tset, covectors, layers)
         kept = max_feature_nodes if max_feature_nodes is not None else rows.n_features
-        _memory_check(min(kept, rows.n_features) + rows.n_columns - rows.n_features + len(tokens), batch,
-                      ids.shape[1], model)
+        _memory_check(min(kept, rows.n_features) + rows.n_columns - rows.n_features + len(tokens), ids.shape[1],
+                      model)
         logit_rows = torch.cat([rows.compute([("logit", k) for k in range(i, min(i + batch, len(tokens)))])
                                 for i in range(0, len(tokens), batch)])
         chosen, feature_rows = _feature_rows(rows, logit_rows, torch.tensor(probabilities), kept, batch)
