@@ -280,7 +280,7 @@ def estimate_bytes(model: Any, resolved: list, batch: int, tokens: int, position
     return sizes
 
 
-def collect(model: Any, inputs: Any, points: Sequence[str], layers: Iterable[int] | None = None,
+def collect(model: Any, inputs: Any, points: Sequence[str] | Callable[[str], bool], layers: Iterable[int] | None = None,
           positions: Sequence[int] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
           max_bytes: int | None = None, verbose: bool = True) -> ActivationCache:
     """Run ``inputs`` once and return the chosen points' values, moved to ``device``/``dtype``.
