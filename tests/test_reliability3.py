@@ -358,6 +358,24 @@ def test_to_string_refuses_three_axes_and_ids_past_the_vocabulary(probe):
     assert probe.to_string(torch.tensor([2, 50])) == probe.tokenizer.decode([2, 50], clean_up_tokenization_spaces=False)
 
 
+def test_an_attention_dataset_keys_the_texts_positions(probe_eager, stock_eager, tmp_path):
+    texts = ["def f(x):", "import os", "x = 1", "class Alpha:"]   # different lengths, padded on the left
+    g3n.cache_dataset(probe_eager, texts, ["layers.1.attn_pattern"], tmp_path, batch_size=2, progress=False)
+    ds = g3n.ActivationDataset(tmp_path, "layers.1.attn_pattern")
+    lengths = [len(probe_eager.tokenizer(text)["input_ids"]) for text in texts]
+    assert ds.row_shape[-1] == max(lengths)
+    streamed = torch.cat([batch.x for batch in ds.batches(5)])
+    for i in range(len(ds)):
+        row = ds[i]
+        text, position = int(row.text), int(row.position)
+        ids = torch.tensor([probe_eager.tokenizer(texts[text])["input_ids"]])
+        with torch.no_grad():   # the text alone, unpadded: the stock model's own attention probabilities
+            probs = stock_forward(stock_eager, ids, output_attentions=True).attentions[1][0, :, position]
+        n = lengths[text]
+        assert torch.allclose(row.x[:, :n], probs, atol=1e-5), (text, position)
+        assert not bool(row.x[:, n:].any()) and torch.equal(streamed[i], row.x)
+
+
 def _flip_a_value_byte(path):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x40

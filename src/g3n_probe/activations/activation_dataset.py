@@ -48,7 +48,9 @@ class ActivationDataset(Dataset):
 
     ``point`` is a cache key (``"layers.3.mlp_out"``, ``"layers.2.output"``, ``"ple_tokens"``). For a stream
     stack, ``stream=k`` gives stream k's rows ``[N, D]``; ``stream=None`` gives ``[N, S, D]``. Every other
-    point gives ``[N, *rest]``: the batch and token axes become the row axis, the others stay in order.
+    point gives ``[N, *rest]``: the batch and token axes become the row axis, the others stay in order;
+    ``attn_pattern`` gives ``[N, H, K]`` with key ``j`` the text's token ``j`` (padding dropped, zero past the
+    text's end; K the longest text's length), whatever shard and padding the row came from.
 
     ``dataset[i]`` is a `Rows` of one row (``x``, ``text``, ``position``), so a ``DataLoader`` collates
     batches of them (``num_workers`` > 1 works: shard handles are opened per process). `batches` and
@@ -88,6 +90,9 @@ class ActivationDataset(Dataset):
             self.offsets.append(self.offsets[-1] + len(index.text))
         self.text_index = torch.cat([index.text for index in self._index]) if self._index else torch.zeros(0, dtype=torch.long)
         self.positions = torch.cat([index.position for index in self._index]) if self._index else torch.zeros(0, dtype=torch.long)
+        # attn_pattern rows keep their key axis, as the text's positions: the longest text's length wide
+        self.keys = max((int(index.mask.sum(1).max()) for index in self._index if index.mask.numel()), default=0) \
+            if self.row.axes.count("T") > 1 else None
         self._handles: dict[Path, Any] = {}
         self._handles_pid = os.getpid()
         self._cached: tuple[int, torch.Tensor] | None = None
@@ -99,8 +104,9 @@ class ActivationDataset(Dataset):
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        """The shape of one row (``(D,)``, ``(S, D)``, ...)."""
-        return tuple(_row_shape(self.row, self._shape(self.paths[0]), self.stream))
+        """The shape of one row (``(D,)``, ``(S, D)``, ``(H, keys)`` for ``attn_pattern``, ...)."""
+        shape = _row_shape(self.row, self._shape(self.paths[0]), self.stream)
+        return tuple(shape[:-1] + [self.keys]) if self.keys is not None else tuple(shape)
 
     def _shape(self, path: Path) -> list[int]:
         with safe_open(str(path), framework="pt") as handle:
@@ -133,6 +139,8 @@ class ActivationDataset(Dataset):
         if self.stream is not None:
             where[0] = self.stream
         x = self._handle(self.paths[s], self.shards[s]).get_slice(self.key)[tuple(where)]
+        if self.keys is not None:
+            x = self._text_keys(x[None], self._index[s].mask[[b]])[0]
         return Rows(self._cast(x), self.text_index[i], self.positions[i])
 
     def __getitems__(self, indices: Sequence[int]) -> list[Rows]:
@@ -184,7 +192,10 @@ class ActivationDataset(Dataset):
         batch, token = axes.index("B"), axes.index("T")
         order = [batch, token] + [j for j in range(len(axes)) if j not in (batch, token)]
         local = self._index[s].local.long()
-        rows = self._cast(value.permute(order)[local[:, 0], local[:, 1]])
+        rows = value.permute(order)[local[:, 0], local[:, 1]]
+        if self.keys is not None:
+            rows = self._text_keys(rows, self._index[s].mask[local[:, 0]])
+        rows = self._cast(rows)
         self._cached = (s, rows)
         return rows
 
@@ -197,6 +208,20 @@ class ActivationDataset(Dataset):
         if handle is None:
             handle = self._handles[path] = safe_open(str(path), framework="pt")
         return handle
+
+    def _text_keys(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``attn_pattern`` rows ``[n, H, T_shard]`` with their key axis as their text's positions: key ``j`` is the
+        text's token ``j`` (the shard's padding columns dropped), zero past the text's end, ``self.keys`` wide
+        (the longest text in the dataset), so rows from any shard line up and collate."""
+        n, heads, width = rows.shape
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)   # the real columns first, in order
+        gathered = rows.gather(-1, order[:, None, :].expand(n, heads, width))
+        real = torch.arange(width)[None, :] < mask.sum(1, keepdim=True)
+        gathered = gathered * real[:, None, :].to(gathered.dtype)
+        keys = int(self.keys or 0)
+        if width >= keys:
+            return gathered[..., :keys]
+        return torch.cat([gathered, gathered.new_zeros(n, heads, keys - width)], -1)
 
     def _reverify(self, path: Path, shard: int) -> None:
         """A shard whose size or modification time differs from when it was verified (or one never verified) is
@@ -270,6 +295,7 @@ class _ShardIndex(NamedTuple):
     local: torch.Tensor  # [n, 2] int32: (batch row, index on the value's token axis)
     text: torch.Tensor  # [n] global text index
     position: torch.Tensor  # [n] position of the token in its text (padding not counted)
+    mask: torch.Tensor  # [B, T] bool: the shard's real tokens
 
 
 def _shard_index(path: Path, manifest: dict, shard: int) -> _ShardIndex:
@@ -284,7 +310,7 @@ def _shard_index(path: Path, manifest: dict, shard: int) -> _ShardIndex:
     valid = mask[:, columns]
     b, j = valid.nonzero(as_tuple=True)
     start = shard * int(manifest["batch_size"])
-    return _ShardIndex(torch.stack([b, j], 1).to(torch.int32), b + start, in_text[b, columns[j]])
+    return _ShardIndex(torch.stack([b, j], 1).to(torch.int32), b + start, in_text[b, columns[j]], mask)
 
 
 def _read_manifest(directory: Path) -> dict:
