@@ -396,6 +396,17 @@ def test_the_reader_verifies_a_shard_changed_after_it_was_built(dataset_dir, tmp
         list(ds.batches(4))
 
 
+def test_a_shard_truncated_while_mapped_is_an_error_not_a_crash(dataset_dir, tmp_path):
+    import shutil
+    out = shutil.copytree(dataset_dir, tmp_path / "copy")
+    ds = g3n.ActivationDataset(out, "layers.1.ple_out")
+    ds[len(ds) - 1]   # the last shard is open and mapped now
+    last = ds.paths[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ValueError, match=last.name):   # the size changed: verified again, never read past the end
+        ds[len(ds) - 1]
+
+
 def test_two_shards_swapped_after_the_reader_was_built_are_refused(dataset_dir, tmp_path):
     import shutil
     out = shutil.copytree(dataset_dir, tmp_path / "copy")
