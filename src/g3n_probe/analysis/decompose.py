@@ -393,6 +393,7 @@ def _neuron_splitter(model: Any, inputs: Any, index: torch.Tensor, on_xs: dict[i
     def split(layer: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in on_xs:
             raise KeyError(f"layer {layer} has no mlp_out in this decomposition (layers {sorted(on_xs)})")
+        _refuse_changing_hooks(model)   # a hook added since would split another forward than the one decomposed
         with torch.no_grad(), model.trace(inputs):
             act = model.layers[layer].mlp_act.output.index_select(1, index).save()
         module = module_tree.text_model(model.hf_model).layers[layer]
