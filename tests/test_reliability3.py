@@ -485,3 +485,19 @@ def test_w_u_without_an_lm_head_says_so(stock):
     wrapped = g3n.Gemma3nProbe(copy.deepcopy(stock.model.language_model))
     with pytest.raises(ValueError, match="lm_head"):
         wrapped.W_U
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"k": 0}, "k=0 is out of range"), ({"k": 10_000}, "k=10000 is out of range"),
+    ({"num_latents": 8, "k": 9}, "1..8"), ({"expansion_factor": -1}, "expansion_factor")])
+def test_train_refuses_a_shape_sparsify_would_fail_on(probe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        g3n.sae.train(probe, ["def f(x):\n    return x\n"] * 4, "layers.1.mlp_out", **kwargs)
+
+
+def test_train_refuses_a_stream_on_a_value_that_is_not_a_stack(probe):
+    for stream in (0, -1):
+        with pytest.raises(ValueError, match="stream"):
+            g3n.sae.train(probe, ["def f(x):\n    return x\n"] * 4, "layers.1.mlp_out", stream=stream)
+    with pytest.raises(ValueError, match="out of range"):
+        g3n.sae.train(probe, ["def f(x):\n    return x\n"] * 4, "layers.1.output", stream=4)

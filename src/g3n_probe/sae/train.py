@@ -36,7 +36,7 @@ from torch import nn
 
 from .._compat import remove_child
 from .._util import rank_world
-from ..points import mark_stack
+from ..points import BY_NAME, checked_stream, concrete_shape, mark_stack, split_qualified
 from .splice import Site, site_of
 from .tokens import excluded_ids
 
@@ -97,6 +97,8 @@ def train(model: Any, texts: Sequence[str] | torch.Tensor, point: str, *, stream
     if site.stack and stream is None:
         raise ValueError(f"{point} is a stream stack [S,B,T,D]: give stream=k (0 is the active stream); sparsify "
                          "would read its first two axes, (stream, batch), as (batch, token) and train on the wrong rows")
+    stream = checked_stream(stream, site.stack, point, model.text_config.altup_num_inputs)
+    checked_width(k, expansion_factor, num_latents, _input_width(model, site))
     chunks = training_chunks(model, texts, ctx_len, seed)
     with _hookpoint(model.hf_model, site, stream) as hookpoint:
         run = run_sparsify(model, chunks, [hookpoint], dict(expansion_factor=expansion_factor, num_latents=num_latents,
@@ -105,6 +107,28 @@ def train(model: Any, texts: Sequence[str] | torch.Tensor, point: str, *, stream
                            include_bos=include_bos, config=config)
     return Trained(run.coders[hookpoint], point, stream, hookpoint, run.fvu[hookpoint], run.tokens, run.seconds,
                    run.paths.get(hookpoint))
+
+
+def _input_width(model: Any, site: Site) -> int:
+    """The width of the rows the SAE reads at ``site`` (a transcoder: the MLP's input, the hidden size)."""
+    if site.side == "across" or site.stack:
+        return model.text_config.hidden_size
+    layer, base = split_qualified(site.name)
+    return concrete_shape(BY_NAME[base], model.text_config, layer=layer or 0)[-1]
+
+
+def checked_width(k: Any, expansion_factor: Any, num_latents: Any, d_in: int) -> int:
+    """The number of latents, refusing before any forward a shape sparsify would fail on deep in torch (``k``
+    past the latents, no latents at all)."""
+    for name, value in (("expansion_factor", expansion_factor), ("num_latents", num_latents)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+    width = num_latents or expansion_factor * d_in
+    if width < 1:
+        raise ValueError("an SAE needs latents: give expansion_factor ≥ 1 or num_latents ≥ 1")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        raise ValueError(f"k={k!r} is out of range: it must be an integer in 1..{width} (the latents)")
+    return width
 
 
 def training_chunks(model: Any, texts: Sequence[str] | torch.Tensor, ctx_len: int, seed: int) -> torch.Tensor:

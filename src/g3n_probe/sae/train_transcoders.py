@@ -30,7 +30,7 @@ from torch import nn
 
 from .._compat import module_of, remove_child
 from .._util import rank_world
-from .train import _module_name, run_sparsify, sparsify_module, training_chunks
+from .train import _module_name, checked_width, run_sparsify, sparsify_module, training_chunks
 from .transcoders import INPUT_HOOK, TranscoderSet, from_sparsify, save_transcoders
 
 OUTPUT_SITES = {"mlp_out": "hook_mlp_out", "mlp": "mlp.hook_out"}
@@ -93,7 +93,7 @@ def train_transcoders(model: Any, texts: Sequence[str] | torch.Tensor, layers: A
     if output not in OUTPUT_SITES:
         raise ValueError(f"output={output!r}: a transcoder stands in for 'mlp_out' (post_feedforward_layernorm's "
                          "output, default) or 'mlp' (the MLP module's own output)")
-    width = _width(model, k, expansion_factor, num_latents)
+    width = checked_width(k, expansion_factor, num_latents, model.text_config.hidden_size)
     if config.get("loss_fn", "fvu") == "ce":
         raise ValueError("loss_fn='ce' makes sparsify swap each hooked module for nn.Identity; train with 'fvu' or 'kl'")
     chunks = training_chunks(model, texts, ctx_len, seed)
@@ -133,18 +133,6 @@ def _layers(model: Any, layers: Any) -> list[int]:
             raise ValueError(f"layer {layer} is given twice")
         seen.add(layer)
     return sorted(listed)
-
-
-def _width(model: Any, k: Any, expansion_factor: Any, num_latents: Any) -> int:
-    for name, value in (("expansion_factor", expansion_factor), ("num_latents", num_latents)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
-    width = num_latents or expansion_factor * model.text_config.hidden_size
-    if width < 1:
-        raise ValueError("a transcoder needs latents: give expansion_factor ≥ 1 or num_latents ≥ 1")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
-        raise ValueError(f"k={k!r} is out of range: it must be an integer in 1..{width} (the latents)")
-    return width
 
 
 def _hold_source(tap: TranscoderTap, module: nn.Module, args: tuple) -> None:
