@@ -198,14 +198,16 @@ def test_attribution_keeps_a_users_gradients(probe, ids):
     kept = {name: torch.full_like(p, 0.25) for name, p in list(params.items())[::7]}
     for name, grad in kept.items():
         params[name].grad = grad.clone()
+    before = {name: None if p.grad is None else p.grad.clone() for name, p in params.items()}   # others' too
     try:
         g3n.patching.attribution(probe, clean, corrupt, lambda logits: logits[:, -1, 3] - logits[:, -1, 4],
                                  points=["mlp_out"], layers=[1, 2])
         for name, p in params.items():
-            if name in kept:
-                assert p.grad is not None and torch.equal(p.grad, kept[name]), name
-            else:
+            if before[name] is None:
                 assert p.grad is None, name
+            else:
+                assert p.grad is not None and torch.equal(p.grad, before[name]), name
+        assert all(torch.equal(params[name].grad, grad) for name, grad in kept.items())
     finally:
         probe.hf_model.zero_grad(set_to_none=True)
 
@@ -501,3 +503,14 @@ def test_train_refuses_a_stream_on_a_value_that_is_not_a_stack(probe):
             g3n.sae.train(probe, ["def f(x):\n    return x\n"] * 4, "layers.1.mlp_out", stream=stream)
     with pytest.raises(ValueError, match="out of range"):
         g3n.sae.train(probe, ["def f(x):\n    return x\n"] * 4, "layers.1.output", stream=4)
+
+
+def test_a_probe_that_cannot_be_pickled_says_why_and_its_model_can(probe):
+    import pickle
+
+    with pytest.raises(TypeError, match="pickle its stock model instead"):
+        pickle.dumps(probe)
+    copy_of_model = pickle.loads(pickle.dumps(probe.hf_model))
+    ids = torch.tensor([[2, 50, 60, 7]])
+    with torch.no_grad():
+        assert torch.equal(copy_of_model(input_ids=ids).logits, probe.hf_model(input_ids=ids).logits)

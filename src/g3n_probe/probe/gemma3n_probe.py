@@ -225,6 +225,12 @@ class Gemma3nProbe(ProbeModelBase):
             unwrap_module(submodule)
         return module
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # nnsight's envoys hold weak references and its interleaver, which pickle cannot follow; say what to do
+        raise TypeError("a Gemma3nProbe (an nnsight model) cannot be pickled: pickle its stock model instead "
+                        "(probe.hf_model: it pickles and loads with its points) and wrap the loaded one again with "
+                        "g3n.Gemma3nProbe(model, tokenizer=...)")
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
