@@ -135,3 +135,15 @@ def test_cli_info_plans_an_accelerator_load_without_a_gpu(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "on the accelerator:" in out and "on the host:" in out
     assert re.search(r"per-layer table.*host", out) and re.search(r"text decoder.*accelerator", out)
+
+
+def test_version_is_the_package_metadatas(capsys):
+    from importlib.metadata import version
+
+    import g3n_probe
+    from g3n_probe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"g3n-probe {version('g3n_probe')}" == f"g3n-probe {g3n_probe.__version__}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,7 @@ def _add_running_commands(sub: Any, where: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g3n-probe", description="Gemma 3n interpretability, text-only, exact.")
+    parser.add_argument("--version", action="version", version=f"g3n-probe {version('g3n_probe')}")
     sub = parser.add_subparsers(dest="command", required=True)
     hub, where = _source_parsers()
     _add_inspection_commands(sub, hub, where)
