@@ -456,6 +456,7 @@ def graph_replay(model: nn.Module, ids: torch.Tensor, rec: dict, site: str = "ml
     return got
 
 
+@torch.no_grad()
 def graph_logit_input(model: nn.Module, rec: dict, last: torch.Tensor, token: int) -> float:
     """A logit node's input on a (replayed) last stack: its demeaned pre-soft-cap logit at the last position,
     with the readout's stream rescale and the final norm's scale frozen at their recorded values."""
