@@ -237,7 +237,10 @@ def test_bad_inputs_fail_before_any_forward(probe, transcoders):
         attribute(probe, PROMPT, {0: Transcoder(torch.zeros(4, d + 1), torch.zeros(4, d + 1), torch.zeros(4),
                                                 torch.zeros(d + 1))})
     with pytest.raises(ValueError, match="layers 0"):
-        attribute(probe, PROMPT, {99: transcoders[0]})
+        attribute(probe, PROMPT, {99: Transcoder(*(getattr(transcoders[0], k) for k in ("W_enc", "W_dec", "b_enc",
+                                                                                       "b_dec")))})
+    with pytest.raises(ValueError, match="made for layer 2"):
+        attribute(probe, PROMPT, {3: transcoders[2]})
     with pytest.raises(ValueError, match="node_threshold"):
         attribute(probe, PROMPT[:, :4], transcoders).prune(node_threshold=0)
     assert g3n.circuits.attribute is attribute

@@ -1,4 +1,5 @@
-"""mypy on the public modules: the façade, loading, the probe and the analyses (pyproject's [tool.mypy])."""
+"""mypy on the public modules: the façade, loading, the probe, the analyses, the circuits and the transcoders
+(pyproject's [tool.mypy])."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "g3n_probe"
-PUBLIC = ["__init__.py", "loading.py", "probe", "analysis"]
+PUBLIC = ["__init__.py", "loading.py", "probe", "analysis", "circuits", "sae/transcoders.py", "sae/replaced.py"]
 
 
 def test_public_modules_type_check():

@@ -219,6 +219,7 @@ def attribute(model: Any, inputs: Any, transcoders: Any, *, max_logits: int = 10
         out = hf(input_ids=ids.expand(batch, -1).to(hf.device), use_cache=False, logits_to_keep=1)
         sources = _sources(frozen, tset, ids, layers, bos, include_bos)
         tokens, probabilities = _logit_targets(out.logits[0, -1], max_logits, logit_probability)
+        assert frozen.merged is not None and frozen.last_stack is not None, "the forward ran through the readout"
         merged = frozen.merged[0, -1]
         covectors = logit_covectors(hf, frozen.last_stack[:, 0, -1].detach(), merged, tokens)
         rows = _Rows(frozen, sources, tset, covectors, layers)

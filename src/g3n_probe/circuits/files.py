@@ -52,6 +52,7 @@ def _node_json(node: Node, layers: int, first_logit: bool) -> dict[str, Any]:
         "activation": node.activation if node.kind == "feature" else None,
     }
     if node.kind == "feature":
+        assert node.layer is not None and node.index is not None, "a feature node has a layer and an index"
         out.update(feature=cantor(node.layer, node.index), layer=str(node.layer),
                    jsNodeId=f"{node.layer}_{node.index}-0")
     elif node.kind in ("error", "ple"):

@@ -53,20 +53,21 @@ class Frozen:
 
     def sources(self, layers: list[int]) -> list[torch.Tensor]:
         """The leaves in a fixed order: the initial stack, then each layer's MLP leaf and PLE leaf."""
+        assert self.stack_leaf is not None, "the frozen forward has not run"
         return [self.stack_leaf] + [self.mlp_leaf[i] for i in layers] + [self.ple_leaf[i] for i in layers]
 
 
-def _rms_scale(x: torch.Tensor, module: Gemma3nRMSNorm) -> torch.Tensor:
+def rms_scale(x: torch.Tensor, module: Any) -> torch.Tensor:
     """The norm's per-token scale (``pow(mean(x²) + eps, -0.5)``, times its weight), as Gemma3nRMSNorm forms it."""
     scale = torch.pow(x.float().pow(2).mean(-1, keepdim=True) + module.eps, -0.5)
     return scale * module.weight.float() if module.with_scale else scale
 
 
-def _freeze_norm(module: Gemma3nRMSNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
+def _freeze_norm(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
     x = args[0]
     if not x.requires_grad:
         return output
-    scale = _rms_scale(x.detach(), module)
+    scale = rms_scale(x.detach(), module)
     return output.detach() + ((x - x.detach()).float() * scale).to(output.dtype)
 
 
@@ -115,7 +116,7 @@ def _merged(frozen: Frozen, module: nn.Module, args: tuple) -> None:
     frozen.merged = args[0].detach()
 
 
-def _layer_hooks(frozen: Frozen, layer: nn.Module, index: int, site: str) -> list:
+def _layer_hooks(frozen: Frozen, layer: Any, index: int, site: str) -> list:
     handles = []
     for name, module in layer.named_modules():
         if name in ("self_attn.q_norm", "self_attn.k_norm"):
@@ -134,7 +135,7 @@ def _layer_hooks(frozen: Frozen, layer: nn.Module, index: int, site: str) -> lis
 
 
 @contextmanager
-def frozen_forward(hf: nn.Module, site: str, skips: dict[int, Any]) -> Iterator[Frozen]:
+def frozen_forward(hf: Any, site: str, skips: dict[int, Any]) -> Iterator[Frozen]:
     """Hooks on ``hf`` (a stock Gemma 3n model) that make its next forward the frozen replacement model (see the
     module doc); ``site`` is ``"mlp_out"`` or ``"mlp"``, ``skips`` layer → a skip transcoder's ``skip``.
     Every hook comes off, in reverse, when the block ends; grad mode is restored."""
@@ -156,7 +157,7 @@ def frozen_forward(hf: nn.Module, site: str, skips: dict[int, Any]) -> Iterator[
 
 
 @torch.no_grad()
-def logit_covectors(hf: nn.Module, last_stack: torch.Tensor, merged: torch.Tensor, tokens: list[int]
+def logit_covectors(hf: Any, last_stack: torch.Tensor, merged: torch.Tensor, tokens: list[int]
                     ) -> torch.Tensor:
     """``[n, S, D]`` float32: for each token id, the covector on the last stack (one position) of its
     demeaned pre-soft-cap logit ``(W_U[v] − mean_v W_U) · norm(merged)``, with the readout's rescale of streams
@@ -168,7 +169,7 @@ def logit_covectors(hf: nn.Module, last_stack: torch.Tensor, merged: torch.Tenso
         mean_row += chunk.float().sum(0)
     mean_row /= weight.shape[0]
     rows = weight[torch.tensor(tokens, device=weight.device)].float() - mean_row        # [n, D]
-    g = rows * _rms_scale(merged[None].float(), language_model.norm)                  # on the merged hidden
+    g = rows * rms_scale(merged[None].float(), language_model.norm)                  # on the merged hidden
     streams = last_stack.shape[0]
     target_magnitude, projections = stream_magnitudes(language_model, last_stack[:, None])
     covector = g.new_zeros(len(tokens), streams, last_stack.shape[-1])
@@ -181,7 +182,7 @@ def logit_covectors(hf: nn.Module, last_stack: torch.Tensor, merged: torch.Tenso
 
 
 @torch.no_grad()
-def demeaned_logits(hf: nn.Module, merged: torch.Tensor) -> torch.Tensor:
+def demeaned_logits(hf: Any, merged: torch.Tensor) -> torch.Tensor:
     """``[V]`` float32: the real pre-soft-cap logits at one position (the stock final norm and lm_head on the
     merged hidden ``[D]``) minus their mean over the vocabulary."""
     logits = hf.lm_head(text_model(hf).norm(merged[None])).float()[0]

@@ -194,6 +194,7 @@ class Graph:
                 raise KeyError(f"feature {key} (layer, position, feature) is not a node of this graph")
             source = where[key]
             activation = self.nodes[source].activation
+            assert activation, "a feature node is an active feature"
             change += self.adjacency[:, source] * ((float(value) - activation) / activation)
         return change
 

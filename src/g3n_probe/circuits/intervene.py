@@ -27,7 +27,7 @@ from ..checkpoint.module_tree import text_model
 from ..sae.replaced import replaced
 from ..sae.transcoders import TranscoderSet, as_transcoder_set
 from .attribute import prompt_ids
-from .freeze import demeaned_logits, logit_covectors
+from .freeze import demeaned_logits, logit_covectors, rms_scale
 
 _PINNED = ("self_attn.q_norm", "self_attn.k_norm", "altup.prediction_coefs", "altup.correction_coefs")
 _UNSCALED = ("post_per_layer_input_norm", "altup.router_norm", "self_attn.q_norm", "self_attn.k_norm")
@@ -76,9 +76,7 @@ def _checked_edits(edits: Any, tset: TranscoderSet, tokens: int) -> dict[tuple[i
 
 def _record(store: dict, key: Any, kind: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     if kind == "scale":
-        x = args[0].detach().float()
-        scale = torch.pow(x.pow(2).mean(-1, keepdim=True) + module.eps, -0.5)
-        store[key] = scale * module.weight.float() if module.with_scale else scale
+        store[key] = rms_scale(args[0].detach(), module)
     else:
         store[key] = (output if kind == "output" else args[0]).detach().clone()
 
@@ -99,7 +97,7 @@ def _site_pin(store: dict, layer: int, delta: torch.Tensor | None, skip: Any, mo
     return value
 
 
-def _hooks(hf: nn.Module, store: dict, hook: Any, site: str) -> list:
+def _hooks(hf: Any, store: dict, hook: Any, site: str) -> list:
     """Register ``hook(store, key, kind)`` on every frozen quantity; returns the handles."""
     handles = []
     for i, layer in enumerate(text_model(hf).layers):
@@ -116,7 +114,7 @@ def _hooks(hf: nn.Module, store: dict, hook: Any, site: str) -> list:
     return handles
 
 
-def _frozen_run(hf: nn.Module, ids: torch.Tensor, tset: TranscoderSet, deltas: dict[int, torch.Tensor]) -> dict:
+def _frozen_run(hf: Any, ids: torch.Tensor, tset: TranscoderSet, deltas: dict[int, torch.Tensor]) -> dict:
     """A clean forward recording every frozen quantity, then the pinned forward with the MLP sites moved by
     ``deltas``; ``store`` holds both passes' MLP inputs (``("x", i)``, ``("now", i)``) and last stacks."""
     store: dict = {}
@@ -125,7 +123,7 @@ def _frozen_run(hf: nn.Module, ids: torch.Tensor, tset: TranscoderSet, deltas: d
     return store
 
 
-def _frozen_hooks(hf: nn.Module, store: dict, tset: TranscoderSet, deltas: dict, pinned: bool) -> list:
+def _frozen_hooks(hf: Any, store: dict, tset: TranscoderSet, deltas: dict, pinned: bool) -> list:
     handles = _hooks(hf, store, _pin if pinned else _record, tset.output_point)
     for i, layer in enumerate(text_model(hf).layers):
         site = layer.mlp if tset.output_point == "mlp" else layer.post_feedforward_layernorm
@@ -136,7 +134,7 @@ def _frozen_hooks(hf: nn.Module, store: dict, tset: TranscoderSet, deltas: dict,
     return handles
 
 
-def _run(hf: nn.Module, ids: torch.Tensor, store: dict, register: Any, after: bool) -> None:
+def _run(hf: Any, ids: torch.Tensor, store: dict, register: Any, after: bool) -> None:
     """One forward with ``register()``'s hooks, reading the last stack and the merged hidden into ``store``
     (keys ``(…, after)``); every hook comes off afterwards, in reverse, however the forward ends."""
     language_model = text_model(hf)
@@ -164,7 +162,7 @@ def _set_features(edits: dict, module: nn.Module, args: tuple, output: torch.Ten
     return output
 
 
-def _free_hooks(hf: nn.Module, store: dict, tset: TranscoderSet, replacement: Any, edits: dict) -> list:
+def _free_hooks(hf: Any, store: dict, tset: TranscoderSet, replacement: Any, edits: dict) -> list:
     handles = []
     for layer in tset:
         chosen = {(p, f): v for (at, p, f), v in edits.items() if at == layer}

@@ -193,7 +193,7 @@ def as_transcoder_set(transcoders: Any, model: Any | None = None) -> TranscoderS
     elif isinstance(transcoders, TranscoderSet):
         result = transcoders
     elif isinstance(transcoders, Mapping):
-        _refuse_duplicates(transcoders)
+        _refuse_mislabelled(transcoders)
         bad = [layer for layer, t in transcoders.items() if not isinstance(t, Transcoder)]
         if bad:
             raise TypeError(f"transcoders for layers {bad} are not g3n_probe.sae.Transcoder objects (load them with "
@@ -209,13 +209,12 @@ def as_transcoder_set(transcoders: Any, model: Any | None = None) -> TranscoderS
     return result
 
 
-def _refuse_duplicates(transcoders: Mapping) -> None:
-    seen: dict[int, Any] = {}
-    for layer in transcoders:
-        index = layer if isinstance(layer, int) else None
-        if index in seen:
-            raise TranscoderError(f"layer {layer!r} is given twice (as {seen[index]!r} and {layer!r})")
-        seen[index] = layer
+def _refuse_mislabelled(transcoders: Mapping) -> None:
+    """A transcoder that says it belongs to another layer than the key it is given under is a mix-up."""
+    for key, transcoder in transcoders.items():
+        own = getattr(transcoder, "layer", None)
+        if own is not None and own != key:
+            raise TranscoderError(f"the transcoder given for layer {key!r} was made for layer {own}")
 
 
 # ---- reading -------------------------------------------------------------------------------------------
