@@ -140,14 +140,16 @@ def test_save_load_round_trips_bit_for_bit(tmp_path):
     w = weights("jumprelu", 2, skip=True)
     tc = g3n.sae.Transcoder(w["W_enc"], w["W_dec"], w["b_enc"], w["b_dec"],
                             threshold=w["activation_function.threshold"], W_skip=w["W_skip"])
-    g3n.sae.save_transcoders(tmp_path / "a", {0: tc, 4: tc})
+    with pytest.warns(UserWarning, match="circuit-tracer would take the i-th file for layer i"):
+        g3n.sae.save_transcoders(tmp_path / "a", {0: tc, 4: tc})
     written = load_file(str(tmp_path / "a" / "layer_4.safetensors"))
     assert set(written) == set(w) and all(torch.equal(written[key], w[key]) for key in w)
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["layers"] == [0, 4]  # a gap: said so
     loaded = g3n.sae.load_transcoders(tmp_path / "a")
     assert list(loaded) == [0, 4] and loaded[4].activation == "jumprelu"
     assert all(torch.equal(loaded[4].tensors()[key], w[key]) for key in w)
-    g3n.sae.save_transcoders(tmp_path / "b", loaded)
+    with pytest.warns(UserWarning, match="layers"):
+        g3n.sae.save_transcoders(tmp_path / "b", loaded)
     for name in ("layer_0.safetensors", "layer_4.safetensors", "config.yaml"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     config = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())

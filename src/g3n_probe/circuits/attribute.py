@@ -86,18 +86,22 @@ def prompt_ids(model: Any, inputs: Any) -> torch.Tensor:
     return ids.long()
 
 
-def _memory_check(nodes: int, tokens: int, model: Any) -> None:
-    """Refuse a graph whose adjacency would not fit, stating what it needs."""
-    adjacency = nodes * nodes * 4
+def _memory_check(nodes: int, rows: int, columns: int, tokens: int, model: Any) -> None:
+    """Refuse a graph that would not fit, stating what it needs: the rows as they are computed (on the model's
+    device) and the adjacency (on the host)."""
+    needs = {"host": nodes * nodes * 4}
     device = model.hf_model.device
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        needs[str(device)] = rows * columns * 4
+        free = {"host": psutil.virtual_memory().available, str(device): torch.cuda.mem_get_info(device)[0]}
     else:
-        free = psutil.virtual_memory().available
-    if adjacency > free:
-        raise MemoryError(f"this prompt ({tokens} tokens) has {nodes:,} nodes: the adjacency alone needs "
-                          f"{adjacency / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free; pass max_feature_nodes "
-                          "(circuit-tracer's default is 7500) or a shorter prompt")
+        needs["host"] += rows * columns * 4
+        free = {"host": psutil.virtual_memory().available}
+    for where, amount in needs.items():
+        if amount > free[where]:
+            raise MemoryError(f"this prompt ({tokens} tokens) has {nodes:,} nodes: its graph needs "
+                              f"{amount / 2**30:.1f} GiB on the {where} and {free[where] / 2**30:.1f} GiB is free; "
+                              "pass max_feature_nodes (circuit-tracer's default is 7500) or a shorter prompt")
 
 
 def _sources(frozen: Any, tset: TranscoderSet, ids: torch.Tensor, layers: int, bos: int | None,
@@ -224,7 +228,8 @@ def attribute(model: Any, inputs: Any, transcoders: Any, *, max_logits: int = 10
         covectors = logit_covectors(hf, frozen.last_stack[:, 0, -1].detach(), merged, tokens)
         rows = _Rows(frozen, sources, tset, covectors, layers)
         kept = max_feature_nodes if max_feature_nodes is not None else rows.n_features
-        _memory_check(min(kept, rows.n_features) + rows.n_columns - rows.n_features + len(tokens), ids.shape[1],
+        nodes = min(kept, rows.n_features) + rows.n_columns - rows.n_features + len(tokens)
+        _memory_check(nodes, min(kept, rows.n_features) + len(tokens), rows.n_columns + len(tokens), ids.shape[1],
                       model)
         logit_rows = torch.cat([rows.compute([("logit", k) for k in range(i, min(i + batch, len(tokens)))])
                                 for i in range(0, len(tokens), batch)])
@@ -234,32 +239,36 @@ def attribute(model: Any, inputs: Any, transcoders: Any, *, max_logits: int = 10
                      layers)
 
 
-def _feature_rows(rows: _Rows, logit_rows: torch.Tensor, probabilities: torch.Tensor, kept: int, batch: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features that get rows (all, or ``kept`` chosen by influence as rows come in) and their rows."""
+def _feature_rows(rows: _Rows, logit_rows: torch.Tensor, probabilities: torch.Tensor, kept: int, batch: int,
+                  refresh: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features that get rows, in node order, and their rows: all of them, or ``kept`` chosen as
+    circuit-tracer chooses — the unvisited features with the highest influence on the logits over the rows
+    computed so far, a batch at a time, the influence refreshed every ``refresh`` batches."""
     n = rows.n_features
     if kept >= n:
         computed = [rows.compute([("feature", j) for j in range(i, min(i + batch, n))]) for i in range(0, n, batch)]
         return torch.arange(n), torch.cat(computed) if computed else logit_rows.new_zeros(0, rows.n_columns)
-    columns = rows.n_columns + len(probabilities)
-    edge_rows = torch.cat([logit_rows, logit_rows.new_zeros(len(probabilities), len(probabilities))], 1)
-    row_nodes = torch.arange(columns - len(probabilities), columns)
-    weights = torch.zeros(columns)
-    weights[-len(probabilities):] = probabilities
-    visited = torch.zeros(n, dtype=torch.bool)
+    logits, device = len(probabilities), logit_rows.device
+    edge_rows = logit_rows.new_zeros(logits + kept, rows.n_columns + logits)   # every row it will hold, at once
+    edge_rows[:logits, :rows.n_columns] = logit_rows
+    row_nodes = torch.cat([torch.arange(rows.n_columns, rows.n_columns + logits), torch.zeros(kept, dtype=torch.long)])
+    weights = torch.zeros(rows.n_columns + logits, device=device)
+    weights[-logits:] = probabilities.to(device)
+    visited = torch.zeros(n, dtype=torch.bool, device=device)
     chosen: list[int] = []
-    feature_rows = []
-    while len(chosen) < kept:
-        influence = partial_influence(edge_rows, weights, row_nodes)[:n]
-        influence[visited] = -1
-        take = influence.topk(min(batch, kept - len(chosen))).indices.tolist()
-        new = rows.compute([("feature", j) for j in take])
+    for round_ in range(-(-kept // batch)):
+        if round_ % refresh == 0:
+            filled = logits + len(chosen)
+            influence = partial_influence(edge_rows[:filled], weights, row_nodes[:filled].to(device))[:n]
+        ranked = influence.masked_fill(visited, -1.0)
+        take = ranked.topk(min(batch, kept - len(chosen))).indices.tolist()
+        start = logits + len(chosen)
+        edge_rows[start:start + len(take), :rows.n_columns] = rows.compute([("feature", j) for j in take])
+        row_nodes[start:start + len(take)] = torch.tensor(take)
         visited[take] = True
         chosen += take
-        feature_rows.append(new)
-        edge_rows = torch.cat([edge_rows, torch.cat([new, new.new_zeros(len(take), len(probabilities))], 1)])
-        row_nodes = torch.cat([row_nodes, torch.tensor(take)])
-    return torch.tensor(chosen), torch.cat(feature_rows)
+    order = torch.tensor(chosen).argsort()          # node order (layer, position, feature), as without the limit
+    return torch.tensor(chosen)[order], edge_rows[logits:, :rows.n_columns][order.to(device)]
 
 
 def _assemble(model: Any, ids: torch.Tensor, sources: _Sources, chosen: torch.Tensor, feature_rows: torch.Tensor,

@@ -2,9 +2,11 @@
 graph_models.py``, ``utils/create_graph_files.py``): ``{slug}.json`` with ``metadata``, ``qParams``, ``nodes`` and
 ``links``, and ``graph-metadata.json`` listing every graph of a directory (a graph with the same slug replaced).
 
-Node ids as upstream writes them: a feature ``{layer}_{feature}_{pos}`` (``feature`` the Cantor pairing of layer
-and feature id, ``feature_type`` ``"cross layer transcoder"``, as circuit-tracer labels per-layer transcoders too),
-an error ``{layer}_-1_{pos}`` (``"mlp reconstruction error"``), an embedding ``E_{token}_{pos}``, a logit
+Node ids: a feature ``{layer}_{feature}_{pos}`` (``feature`` the Cantor pairing of layer and feature id,
+``feature_type`` ``"cross layer transcoder"``, as circuit-tracer labels per-layer transcoders too), an error
+``{layer}_-1_{pos}`` (``"mlp reconstruction error"``: the form the project's contract names as upstream's; the
+circuit-tracer snapshot read here, 4bb8c0e, still writes ``0_{layer}_{pos}``, and `load` reads both — its viewer
+keys nodes by ``node_id`` and ``feature_type``, so either draws), an embedding ``E_{token}_{pos}``, a logit
 ``{L+1}_{token}_{pos}`` whose ``clerp`` carries ``(p=…)``. Gemma 3n's PLE nodes have no upstream kind:
 ``{layer}_-2_{pos}`` with ``feature_type`` ``"per-layer embedding"`` (the viewers draw an unknown kind as a plain
 node). Links are ``{source, target, weight}`` for every nonzero edge.
@@ -76,9 +78,11 @@ def to_json(graph: Any, slug: str = "graph", scan: str = "g3n_probe") -> dict[st
     links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": w}
              for t, s, w in zip(targets.tolist(), sources.tolist(), weights)]
     metadata = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": list(graph.token_text),
-                "prompt": graph.prompt, "node_threshold": None, "schema_version": 1,
+                "prompt": graph.prompt, "schema_version": 1,
+                # circuit-tracer's page offers its pruning slider only when this is a number
+                "node_threshold": graph.thresholds[0] if graph.thresholds else None,
                 "g3n": {"tokens": list(graph.tokens), "logit_text": list(graph.logit_text), "layers": graph.layers,
-                        "pruned": graph.pruned}}
+                        "pruned": graph.pruned, "thresholds": list(graph.thresholds) if graph.thresholds else None}}
     return {"metadata": metadata, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both",
                                               "clickedId": "", "sg_pos": ""},
             "nodes": nodes, "links": links}
@@ -131,4 +135,6 @@ def load(path: str | Path) -> dict[str, Any]:
     tokens = own.get("tokens") or [n.index for n in nodes if n.kind == "embed"]
     logit_text = own.get("logit_text") or [n.label for n in nodes if n.kind == "logit"]
     return {"nodes": nodes, "adjacency": adjacency, "tokens": tokens, "token_text": meta["prompt_tokens"],
-            "logit_text": logit_text, "layers": layers, "prompt": meta.get("prompt"), "pruned": own.get("pruned", True)}
+            "logit_text": logit_text, "layers": layers, "prompt": meta.get("prompt"), "pruned": own.get("pruned", True),
+            "thresholds": tuple(own["thresholds"]) if own.get("thresholds") else
+            ((meta["node_threshold"], None) if meta.get("node_threshold") is not None else None)}

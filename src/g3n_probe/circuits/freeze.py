@@ -138,12 +138,18 @@ def _layer_hooks(frozen: Frozen, layer: Any, index: int, site: str) -> list:
 def frozen_forward(hf: Any, site: str, skips: dict[int, Any]) -> Iterator[Frozen]:
     """Hooks on ``hf`` (a stock Gemma 3n model) that make its next forward the frozen replacement model (see the
     module doc); ``site`` is ``"mlp_out"`` or ``"mlp"``, ``skips`` layer → a skip transcoder's ``skip``.
-    Every hook comes off, in reverse, when the block ends; grad mode is restored."""
+    Every hook comes off, in reverse, when the block ends; grad mode and the parameters' ``requires_grad`` are
+    restored."""
     language_model = text_model(hf)
     frozen = Frozen(skips=dict(skips))
     handles = []
     grad_mode = torch.is_grad_enabled()
+    # no parameter needs a gradient here: without this autograd would keep every linear layer's input, for
+    # weight gradients nobody asks for (the memory of a batch of copies); put back as they were afterwards
+    flags = [(parameter, parameter.requires_grad) for parameter in hf.parameters()]
     try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
         for index, layer in enumerate(language_model.layers):
             handles.extend(_layer_hooks(frozen, layer, index, site))
         handles.append(language_model.layers[0].register_forward_pre_hook(functools.partial(_stack_in, frozen)))
@@ -154,6 +160,8 @@ def frozen_forward(hf: Any, site: str, skips: dict[int, Any]) -> Iterator[Frozen
         torch.set_grad_enabled(grad_mode)
         while handles:
             handles.pop().remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 @torch.no_grad()

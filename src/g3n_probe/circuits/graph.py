@@ -48,9 +48,9 @@ def partial_influence(rows: torch.Tensor, weights: torch.Tensor, row_nodes: torc
     for _ in range(max_iter):
         product = product[row_nodes] @ normalized
         if not product.any():
-            break
+            return total
         total += product
-    return total
+    raise RuntimeError("partial influence did not converge: the rows computed so far have a cycle")
 
 
 def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -71,7 +71,8 @@ class Graph:
     ``adjacency[target, source]``, the prompt's ``tokens`` (ids) and ``token_text``, the logit tokens' text."""
 
     def __init__(self, nodes: list[Node], adjacency: torch.Tensor, tokens: list[int], token_text: list[str],
-                 logit_text: list[str], layers: int, prompt: str | None = None, pruned: bool = False) -> None:
+                 logit_text: list[str], layers: int, prompt: str | None = None, pruned: bool = False,
+                 thresholds: tuple[float, float | None] | None = None) -> None:
         if adjacency.shape != (len(nodes), len(nodes)):
             raise ValueError(f"adjacency {tuple(adjacency.shape)} does not match {len(nodes)} nodes")
         self.nodes = nodes
@@ -82,6 +83,7 @@ class Graph:
         self.layers = layers
         self.prompt = prompt if prompt is not None else "".join(token_text)
         self.pruned = pruned
+        self.thresholds = thresholds   # (node, edge) thresholds of the pruning that made it, if any
         for node in self.nodes:
             if not node.label:
                 node.label = self._label(node)
@@ -146,7 +148,7 @@ class Graph:
         adjacency = (self.adjacency * edge_mask)[keep][:, keep]
         nodes = [replace(self.nodes[i], influence=float(cumulative[i])) for i in keep.tolist()]
         return Graph(nodes, adjacency, self.tokens, self.token_text, self.logit_text, self.layers, self.prompt,
-                     pruned=True)
+                     pruned=True, thresholds=(node_threshold, edge_threshold))
 
     def _drop_dangling(self, node_mask: torch.Tensor, edge_mask: torch.Tensor, always: torch.Tensor) -> torch.Tensor:
         """Drop feature/error/PLE nodes with no outgoing kept edge, features also with no incoming one, until

@@ -91,7 +91,7 @@ def _site_pin(store: dict, layer: int, delta: torch.Tensor | None, skip: Any, mo
               output: torch.Tensor) -> torch.Tensor:
     value = store[("site", layer)].clone()
     if delta is not None:
-        value[0] += delta.to(value.dtype)
+        value[0] += delta.to(value)
     if skip is not None:
         value = value + skip((store[("now", layer)] - store[("x", layer)]).float()).to(value.dtype)
     return value

@@ -14,7 +14,8 @@ Two layouts are read by `load_transcoders` (never a pickle; every key checked, s
 before any forward):
 
 - **circuit-tracer's** (also what `save_transcoders` writes, so our transcoders load in its
-  ``load_transcoder_set`` unchanged): ``config.yaml`` (``model_kind: transcoder_set``, ``feature_input_hook``,
+  ``load_transcoder_set`` unchanged, given the files; its ``load_transcoders(config)`` resolves the listed file
+  names from its working directory, so run it from this one): ``config.yaml`` (``model_kind: transcoder_set``, ``feature_input_hook``,
   ``feature_output_hook``, ``transcoders: [files]``, ``activation``/``k``) beside ``layer_{i}.safetensors`` with
   ``W_enc [F, D]``, ``W_dec [F, D]``, ``b_enc [F]``, ``b_dec [D]`` and optionally
   ``activation_function.threshold [F]`` (JumpReLU) and ``W_skip [D, D]``. ReLU when neither a threshold nor
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +395,10 @@ def _check_shapes(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,
 # ---- writing -------------------------------------------------------------------------------------------
 
 
+_STRUCTURAL = {"model_kind", "transcoders", "layers", "activation", "k", "topk_relu", "feature_input_hook",
+               "feature_output_hook", "repo_id", "revision", "subfolder"}
+
+
 def save_transcoders(directory: str | Path, transcoders: Any, scan: str = "g3n_probe") -> Path:
     """Write ``transcoders`` (a set or a mapping ``layer -> Transcoder``) in circuit-tracer's layout:
     ``layer_{i}.safetensors`` and ``config.yaml``. Returns the directory."""
@@ -415,11 +421,15 @@ def save_transcoders(directory: str | Path, transcoders: Any, scan: str = "g3n_p
         "feature_output_hook": result.output_hook, "transcoders": files, "activation": activation,
     }
     if list(result) != list(range(len(result))):
-        config["layers"] = list(result)  # circuit-tracer reads file i as layer i: only a 0..n-1 set loads there
+        # circuit-tracer reads the i-th listed file as layer i and ignores this key: only we read such a set right
+        config["layers"] = list(result)
+        warnings.warn(f"transcoders for layers {list(result)} (not 0..{len(result) - 1}): g3n_probe reads them back "
+                      "by the 'layers' key, circuit-tracer would take the i-th file for layer i", stacklevel=2)
     if activation == "topk":
         config["k"] = ks.pop()
         config["topk_relu"] = bool(next(iter(result.transcoders.values())).topk_relu)
-    config.update({key: value for key, value in result.metadata.items() if key not in config})
+    # other settings a loaded set carried come along; nothing that says what the files are, or where from
+    config.update({key: value for key, value in result.metadata.items() if key not in config and key not in _STRUCTURAL})
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return root
 
