@@ -95,6 +95,7 @@ _SMALL_FILE = re.compile(r"^(config\.json|generation_config\.json|tokenizer[\w.\
 
 
 def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a hub repository id (``owner/name``) rather than a local path."""
     return _HUB_ID.fullmatch(text) is not None and not text.startswith((".", "/"))
 
 
