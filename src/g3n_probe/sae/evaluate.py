@@ -69,7 +69,7 @@ class MeanAblation:
         return self.mean.to(f.dtype).expand(f.shape[0], -1)
 
 
-class _Stats:
+class SpliceStats:
     """Running sums over the real tokens a splice sees: the target, its square, the error, the latents."""
 
     def __init__(self, every_stream: bool) -> None:
@@ -108,13 +108,13 @@ class _Stats:
         return value[self.mask.bool().to(value.device)].reshape(-1, value.shape[-1])
 
 
-def _capture_target(stats: _Stats, splice: nn.Module, module: nn.Module, args: tuple) -> None:
+def capture_target(stats: SpliceStats, splice: nn.Module, module: nn.Module, args: tuple) -> None:
     source, target = args
     stats.source = source if splice.stream is None else source[splice.stream]
     stats.target = target if splice.stream is None else target[splice.stream]
 
 
-def _capture_features(stats: _Stats, splice: nn.Module, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+def capture_features(stats: SpliceStats, splice: nn.Module, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     with torch.no_grad():
         stats.add(splice.reconstruct(output, stats.target, stats.source), output)
 
@@ -129,25 +129,25 @@ def evaluate(model: Any, texts: Sequence[str], point: str, sae: Any, *, stream: 
     mean-ablated (the value passes through unchanged there) and not counted in FVU, L0, dead latents, the mean
     or the losses (no prediction made at ``<bos>``); True splices and counts them like any token."""
     coder = Dense(sae)
-    batches = _batches(model, texts, batch_size, include_bos)
+    batches = text_batches(model, texts, batch_size, include_bos)
     with spliced(model, point, coder, error=True, stream=stream) as envoy:
         splice = module_of(envoy)
         if splice.stack and stream is None:
             # one mean over all four streams would mean-ablate each stream with the others' average
             raise ValueError(f"{point} is a stream stack: evaluate one stream at a time (stream=0..S-1), so the "
                              "mean ablation uses that stream's own mean")
-        stats = _Stats(every_stream=False)
-        handles = [splice.register_forward_pre_hook(functools.partial(_capture_target, stats, splice)),
-                   splice.features.register_forward_hook(functools.partial(_capture_features, stats, splice))]
+        stats = SpliceStats(every_stream=False)
+        handles = [splice.register_forward_pre_hook(functools.partial(capture_target, stats, splice)),
+                   splice.features.register_forward_hook(functools.partial(capture_features, stats, splice))]
         try:
-            clean = _loss(model, batches, [splice], [stats])
+            clean = next_token_loss(model, batches, [splice], [stats])
         finally:
             for handle in handles:
                 handle.remove()
     with spliced(model, point, coder, error=False, stream=stream) as envoy:
-        with_sae = _loss(model, batches, [module_of(envoy)])
+        with_sae = next_token_loss(model, batches, [module_of(envoy)])
     with spliced(model, point, MeanAblation(stats.mean.float()), error=False, stream=stream) as envoy:
-        ablated = _loss(model, batches, [module_of(envoy)])
+        ablated = next_token_loss(model, batches, [module_of(envoy)])
     latents = int(stats.fired.numel())
     return Evaluation(point, stream, stats.n, stats.fvu, stats.l0 / stats.n, latents - int(stats.fired.sum()), latents,
                       clean, with_sae, ablated, include_bos)
@@ -163,7 +163,7 @@ class Batch:
     counted: torch.Tensor
 
 
-def _batches(model: Any, texts: Sequence[str], batch_size: int, include_bos: bool = False) -> list[Batch]:
+def text_batches(model: Any, texts: Sequence[str], batch_size: int, include_bos: bool = False) -> list[Batch]:
     if model.tokenizer is None:
         raise ValueError("evaluate tokenizes its texts, and this model has no tokenizer")
     if isinstance(texts, str) or not len(texts):
@@ -181,7 +181,7 @@ def _batches(model: Any, texts: Sequence[str], batch_size: int, include_bos: boo
     return out
 
 
-def _loss(model: Any, batches: list[Batch], splices: Sequence[Any] = (), stats: Sequence[Any] = ()) -> float:
+def next_token_loss(model: Any, batches: list[Batch], splices: Sequence[Any] = (), stats: Sequence[Any] = ()) -> float:
     """Mean next-token cross-entropy over the predictions made at counted positions (`Batch.counted`) of
     real next tokens, positions counted from each text's first token. Each of ``splices`` is told the
     positions to splice (``Splice.keep``) for the batch, and each of ``stats`` which rows count."""

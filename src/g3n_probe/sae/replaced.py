@@ -90,17 +90,26 @@ def check_placement(model: Any, transcoders: TranscoderSet) -> None:
 
 
 @contextmanager
+def attached(model: Any, coders: dict[int, Any], output_point: str = "mlp_out", error: bool = True
+             ) -> Iterator[dict[int, Attached]]:
+    """Each of ``coders`` (layer → anything `Splice` takes: a transcoder, a mean ablation) across its layer's MLP
+    while the block lasts; yields what was attached, by layer, and takes it all off again in reverse."""
+    done: dict[int, Attached] = {}
+    try:
+        for layer, coder in coders.items():
+            done[layer] = attach_transcoder(model, layer, coder, output_point, error=error)
+        yield done
+    finally:
+        for layer in reversed(list(done)):
+            done[layer].remove()
+
+
+@contextmanager
 def replaced(model: Any, transcoders: Any, error: bool = True) -> Iterator[Replacement]:
     """``with replaced(model, transcoders) as r:`` — every layer in ``transcoders`` (a directory, a
     `TranscoderSet` or a mapping ``layer -> Transcoder``) has its MLP replaced while the block lasts (see the
     module doc). Checked against the model (layers, widths, device) before anything is attached."""
     chosen = as_transcoder_set(transcoders, model)
     check_placement(model, chosen)
-    attached: dict[int, Attached] = {}
-    try:
-        for layer in chosen:
-            attached[layer] = attach_transcoder(model, layer, chosen[layer], chosen.output_point, error=error)
-        yield Replacement(chosen, attached)
-    finally:
-        for layer in reversed(list(attached)):
-            attached[layer].remove()
+    with attached(model, {layer: chosen[layer] for layer in chosen}, chosen.output_point, error) as done:
+        yield Replacement(chosen, done)

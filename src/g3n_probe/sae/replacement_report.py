@@ -10,12 +10,15 @@ dead latents of the transcoder on the clean model's activations. ``<bos>`` follo
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+import io
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from .evaluate import MeanAblation, _batches, _capture_features, _capture_target, _loss, _Stats
-from .replaced import attach_transcoder, check_placement
+from rich.console import Console
+from rich.table import Table
+
+from .evaluate import MeanAblation, SpliceStats, capture_features, capture_target, next_token_loss, text_batches
+from .replaced import attached, check_placement
 from .transcoders import as_transcoder_set
 
 
@@ -69,8 +72,6 @@ class ReplacementReport:
         return out
 
     def __rich__(self) -> Any:
-        from rich.table import Table
-
         bos = "included" if self.include_bos else "excluded"
         table = Table(title=f"transcoders replacing MLPs ({self.output_hook}) over {self.tokens:,} tokens, <bos> {bos}; "
                             f"loss clean {self.loss_clean:.3f}")
@@ -83,26 +84,9 @@ class ReplacementReport:
         return table
 
     def __str__(self) -> str:
-        import io
-
-        from rich.console import Console
-
         console = Console(width=120, record=True, file=io.StringIO())
         console.print(self)
         return console.export_text()
-
-
-@contextmanager
-def _attached(model: Any, coders: dict[int, Any], point: str, error: bool) -> Iterator[dict[int, Any]]:
-    """Each of ``coders`` across its layer's MLP (standing in for ``point``); yields the splices by layer."""
-    attached = {}
-    try:
-        for layer, coder in coders.items():
-            attached[layer] = attach_transcoder(model, layer, coder, point, error=error)
-        yield {layer: a.splice for layer, a in attached.items()}
-    finally:
-        for a in reversed(list(attached.values())):
-            a.remove()
 
 
 def evaluate_replacement(model: Any, texts: Sequence[str], transcoders: Any, *, include_bos: bool = False,
@@ -114,26 +98,27 @@ def evaluate_replacement(model: Any, texts: Sequence[str], transcoders: Any, *, 
     the means or the losses; True replaces and counts them like any token. Renders as a table (``print``)."""
     chosen = as_transcoder_set(transcoders, model)
     check_placement(model, chosen)
-    batches = _batches(model, texts, batch_size, include_bos)
+    batches = text_batches(model, texts, batch_size, include_bos)
     point = chosen.output_point
     layers = list(chosen)
-    stats = {layer: _Stats(every_stream=False) for layer in layers}
-    with _attached(model, {layer: chosen[layer] for layer in layers}, point, error=True) as splices:
+    stats = {layer: SpliceStats(every_stream=False) for layer in layers}
+    with attached(model, {layer: chosen[layer] for layer in layers}, point, error=True) as done:
+        splices = {layer: a.splice for layer, a in done.items()}
         handles = []
         for layer, splice in splices.items():
-            handles.append(splice.register_forward_pre_hook(functools.partial(_capture_target, stats[layer], splice)))
+            handles.append(splice.register_forward_pre_hook(functools.partial(capture_target, stats[layer], splice)))
             handles.append(splice.features.register_forward_hook(
-                functools.partial(_capture_features, stats[layer], splice)))
+                functools.partial(capture_features, stats[layer], splice)))
         try:
-            clean = _loss(model, batches, list(splices.values()), list(stats.values()))  # error terms on: the clean model
+            clean = next_token_loss(model, batches, list(splices.values()), list(stats.values()))  # error terms on: the clean model
         finally:
             for handle in handles:
                 handle.remove()
     means = {layer: MeanAblation(stats[layer].mean.float()) for layer in layers}
 
     def loss_with(coders: dict[int, Any]) -> float:
-        with _attached(model, coders, point, error=False) as splices:
-            return _loss(model, batches, list(splices.values()))
+        with attached(model, coders, point, error=False) as done:
+            return next_token_loss(model, batches, [a.splice for a in done.values()])
 
     rows = {}
     for layer in layers:
