@@ -89,11 +89,12 @@ def cmd_attribute(args: argparse.Namespace, console: Console, hub_options: dict[
     if args.transcoders is None and args.model is not None:
         raise ValueError("--transcoders is required with --model (the bundled transcoders fit only the bundled "
                          "default model)")
-    transcoders = load_transcoders(args.transcoders or default_transcoders())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     model = load(resolve_source(args.model, **hub_options), device=_device(rank, world))
+    # on the model's device, in float32 (attribution reads them in float32 wherever they are)
+    transcoders = load_transcoders(args.transcoders or default_transcoders(), model, device=model.hf_model.device)
     mine = [i for i in range(len(prompts)) if i % world == rank]
     for i in mine:
         start = time.perf_counter()
