@@ -337,3 +337,10 @@ def test_other_sites_and_activations_are_complete(probe, record, site, activatio
         expected = float(tc.W_enc[node.index] @ x + tc.b_enc[node.index])
         worst = max(worst, relative_gap(graph.adjacency[i], float(tc.b_enc[node.index]), expected))
     assert worst < 2e-5, worst
+
+
+def test_features_at_bos_follow_the_transcoders_rule(probe, graph, transcoders):
+    assert PROMPT[0, 0] == probe.tokenizer.bos_token_id
+    assert all(graph.nodes[i].position != 0 for i in graph.of_kind("feature"))      # excluded by default
+    with_bos = attribute(probe, PROMPT[:, :5], transcoders, include_bos=True)
+    assert any(with_bos.nodes[i].position == 0 for i in with_bos.of_kind("feature"))

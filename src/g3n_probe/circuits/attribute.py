@@ -25,6 +25,7 @@ from typing import Any
 import psutil  # a dependency of accelerate's
 import torch
 
+from ..sae.tokens import bos_id, token_mask
 from ..sae.transcoders import TranscoderSet, as_transcoder_set
 from .freeze import demeaned_logits, frozen_forward, logit_covectors
 from .graph import Graph, Node, partial_influence
@@ -117,8 +118,7 @@ def _sources(frozen: Any, tset: TranscoderSet, ids: torch.Tensor, layers: int, b
         x = frozen.mlp_input[layer][0].detach().float()
         pre = transcoder.pre_activation(x.to(transcoder.W_enc.device)).float().to(site.device)
         acts = transcoder.activate(pre)
-        if not include_bos and bos is not None:
-            acts[ids[0].to(acts.device) == bos] = 0      # the one rule for <bos>: no features there
+        acts[~token_mask(ids[0], bos, include_bos).to(acts.device)] = 0   # the transcoders' one rule for <bos>
         position, index = acts.nonzero(as_tuple=True)
         values = acts[position, index]
         decoded = torch.zeros_like(site).index_add_(0, position, values[:, None] * transcoder.W_dec.float()[index]
@@ -217,8 +217,7 @@ def attribute(model: Any, inputs: Any, transcoders: Any, *, max_logits: int = 10
     batch = batch_size or (64 if hf.device.type == "cuda" else 32)
     layers = model.text_config.num_hidden_layers
     skips = {layer: t.skip for layer, t in tset.transcoders.items() if t.W_skip is not None}
-    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else \
-        getattr(model.text_config, "bos_token_id", None)
+    bos = bos_id(model.tokenizer) if model.tokenizer is not None else getattr(model.text_config, "bos_token_id", None)
     with frozen_forward(hf, tset.output_point, skips) as frozen, torch.enable_grad():
         out = hf(input_ids=ids.expand(batch, -1).to(hf.device), use_cache=False, logits_to_keep=1)
         sources = _sources(frozen, tset, ids, layers, bos, include_bos)
