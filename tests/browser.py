@@ -261,3 +261,11 @@ class Browser:
     def outside(self, base: str) -> list[str]:
         """The requests made so far to anything but ``base`` (data: and blob: URLs are the page's own)."""
         return [url for url in self.requests if not url.startswith((base, "data:", "blob:", "about:"))]
+
+
+def screenshot_target(asset: Path, scratch: Path) -> Path:
+    """Where a test saves a screenshot: the committed ``asset`` when it is missing or ``G3N_UPDATE_SCREENSHOTS=1``
+    is set, else ``scratch`` (the shot is still taken, and a test run leaves the working tree as it was)."""
+    if os.environ.get("G3N_UPDATE_SCREENSHOTS") == "1" or not asset.exists():
+        return asset
+    return scratch / asset.name

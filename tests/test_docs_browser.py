@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser import CANDIDATES, Browser, find_chromium, serve
+from browser import CANDIDATES, Browser, find_chromium, screenshot_target, serve
 from docs_site import REQUIRED, ROOT, built_site, missing_docs_tools
 
 ASSETS = ROOT / "docs" / "assets"
@@ -44,7 +44,7 @@ def _settled(browser: Browser, base: str) -> None:
     assert browser.errors == [], f"console errors: {browser.errors}"
 
 
-def test_the_home_page_renders(site_browser):
+def test_the_home_page_renders(site_browser, tmp_path):
     base, browser = site_browser
     browser.open(base)
     _settled(browser, base)
@@ -53,10 +53,10 @@ def test_the_home_page_renders(site_browser):
     assert "Gemma 3n" in text and "API reference" in text
     # the stylesheet applied: the header is laid out by mkdocs-material's CSS, not the browser's defaults
     assert browser.evaluate("getComputedStyle(document.querySelector('.md-header')).position") in ("sticky", "fixed")
-    browser.screenshot(ASSETS / "screenshot-home.png")
+    browser.screenshot(screenshot_target(ASSETS / "screenshot-home.png", tmp_path))
 
 
-def test_the_reference_of_load_renders(site_browser):
+def test_the_reference_of_load_renders(site_browser, tmp_path):
     base, browser = site_browser
     browser.open(base + "reference/loading/#g3n_probe.load")
     _settled(browser, base)
@@ -65,7 +65,7 @@ def test_the_reference_of_load_renders(site_browser):
     entry = browser.evaluate("document.getElementById('g3n_probe.load').parentElement.innerText")
     assert "source" in entry and "attn_implementation" in entry      # the signature and the docstring
     browser.evaluate("document.getElementById('g3n_probe.load').scrollIntoView()")
-    browser.screenshot(ASSETS / "screenshot-api-load.png")
+    browser.screenshot(screenshot_target(ASSETS / "screenshot-api-load.png", tmp_path))
 
 
 def test_the_search_finds_decompose(site_browser):

@@ -285,7 +285,7 @@ def _drawn(browser, url: str, data: dict) -> None:
         [n["node_id"] for n in data["nodes"]]
 
 
-def test_viewer_in_a_browser(server, pruned, graph_dir):
+def test_viewer_in_a_browser(server, pruned, graph_dir, tmp_path):
     browser_class = _browser_or_skip()
     assert len(graph_files.to_json(pruned)["links"]) == int((pruned.adjacency != 0).sum())
     data = json.loads((graph_dir / "prompt-0000.json").read_text())
@@ -308,7 +308,7 @@ def test_viewer_in_a_browser(server, pruned, graph_dir):
         assert edges > 0 and browser.evaluate("document.querySelectorAll('.link.active').length") == edges
         assert browser.evaluate("document.querySelector('svg').classList.contains('has-pin')")
         assert browser.evaluate("document.getElementById('side').innerText").count("\n") > 10   # its edges listed
-        browser.screenshot(SCREENSHOT)
+        browser.screenshot(pytest.importorskip("browser").screenshot_target(SCREENSHOT, tmp_path))
         _click(browser, x, y)
         assert browser.evaluate("document.querySelectorAll('.pinned, .link.active').length") == 0
         base = server.url
