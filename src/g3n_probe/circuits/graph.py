@@ -214,6 +214,6 @@ class Graph:
 
     def show(self) -> Any:
         """Draw the graph in a notebook (an offline page: no network request)."""
-        from IPython.display import HTML, display   # lazy: IPython is there in a notebook, not a dependency
+        from IPython.display import HTML, display  # lazy: IPython is there in a notebook, not a dependency
 
         display(HTML(self._repr_html_()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +43,11 @@ class GraphServer(ThreadingHTTPServer):
         self.port = int(self.server_address[1])
         self.url = f"http://{HOST}:{self.port}/"
         self.thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a browser that drops a connection it no longer needs is not an error worth a traceback
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
     def file(self, name: str) -> Path | None:
         """The plain file ``name`` directly inside the root (symlinks followed only within it), else None."""
