@@ -38,7 +38,7 @@ from .._compat import forward_hooks, global_forward_hooks
 from ..activations.batch import ActivationCache, encode_inputs
 from ..checkpoint import module_tree
 from ..points import split_qualified
-from ..probe.lens import stream_magnitudes
+from ..probe.lens import stream_covectors
 from .decompose_view import DecompositionTable, plot_decomposition
 
 if TYPE_CHECKING:
@@ -278,15 +278,9 @@ def _readout_covector(model: Any, saved: dict, direction: torch.Tensor) -> torch
     stack, merged = saved["stack"], saved["merged"]
     streams = stack.shape[0]
     u = _through_unembedding(hf.lm_head.weight, direction.to(stack.device))   # [B, D]
-    norm = language_model.norm
-    g = u[:, None, :] * _rms_scale(merged, norm.eps) * norm.weight.float()   # covector on the merged hidden
-    target_magnitude, projections = stream_magnitudes(language_model, stack)
     covector = stack.new_zeros((streams, *stack.shape), dtype=torch.float32)
-    covector[0, 0] = g / streams
-    for k, (_, magnitude) in enumerate(projections, start=1):
-        factor = (target_magnitude / magnitude).float()
-        weight = language_model.altup_unembed_projections[k - 1].weight.float()
-        covector[k, k] = factor / streams * (g @ weight)
+    for k, on_stream in enumerate(stream_covectors(language_model, stack, merged, u[:, None, :])):
+        covector[k, k] = on_stream
     return covector
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
 
 from ..checkpoint.module_tree import text_model
-from ..probe.lens import stream_magnitudes
+from ..probe.lens import stream_covectors
 
 
 @dataclass
@@ -177,16 +177,8 @@ def logit_covectors(hf: Any, last_stack: torch.Tensor, merged: torch.Tensor, tok
         mean_row += chunk.float().sum(0)
     mean_row /= weight.shape[0]
     rows = weight[torch.tensor(tokens, device=weight.device)].float() - mean_row        # [n, D]
-    g = rows * rms_scale(merged[None].float(), language_model.norm)                  # on the merged hidden
-    streams = last_stack.shape[0]
-    target_magnitude, projections = stream_magnitudes(language_model, last_stack[:, None])
-    covector = g.new_zeros(len(tokens), streams, last_stack.shape[-1])
-    covector[:, 0] = g / streams
-    for k, (_, magnitude) in enumerate(projections, start=1):
-        factor = (target_magnitude / magnitude).float().reshape(())
-        unembed = language_model.altup_unembed_projections[k - 1].weight.float()
-        covector[:, k] = factor / streams * (g @ unembed)
-    return covector
+    per_stream = stream_covectors(language_model, last_stack[:, None], merged[None], rows)
+    return torch.stack([c.expand_as(rows) for c in per_stream], 1)                       # [n, S, D]
 
 
 @torch.no_grad()

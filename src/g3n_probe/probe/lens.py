@@ -30,6 +30,24 @@ def stream_magnitudes(language_model: Any, stack: torch.Tensor) -> tuple[torch.T
     return target_magnitude, projections
 
 
+def stream_covectors(language_model: Any, stack: torch.Tensor, merged: torch.Tensor, u: torch.Tensor
+                     ) -> list[torch.Tensor]:
+    """The readout, frozen, read backwards: for a covector ``u`` on the final norm's output (``direction @
+    W_U``), one float32 covector per stream of ``stack`` (``[S, ..., D]``, the last layer's output), with the
+    final norm's scale frozen at ``merged`` (its input) and each stream's magnitude rescale frozen at ``stack``.
+    ``u`` broadcasts against ``merged`` (``[..., D]``)."""
+    norm = language_model.norm
+    scale = torch.pow(merged.float().pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)   # as Gemma3nRMSNorm forms it
+    g = u * scale * norm.weight.float()                                                  # on the merged hidden
+    streams = stack.shape[0]
+    target_magnitude, projections = stream_magnitudes(language_model, stack)
+    covectors = [g / streams]
+    for k, (_, magnitude) in enumerate(projections, start=1):
+        weight = language_model.altup_unembed_projections[k - 1].weight.float()
+        covectors.append((target_magnitude / magnitude).float() / streams * (g @ weight))
+    return covectors
+
+
 def _merge_streams(language_model: Any, stack: torch.Tensor) -> torch.Tensor:
     """[S,B,T,D] -> [B,T,D] exactly as ``Gemma3nTextModel.forward`` merges after its last layer."""
     target_magnitude, projections = stream_magnitudes(language_model, stack)
