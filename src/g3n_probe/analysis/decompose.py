@@ -38,7 +38,7 @@ from .._compat import forward_hooks, global_forward_hooks
 from ..activations.batch import ActivationCache, encode_inputs
 from ..checkpoint import module_tree
 from ..points import split_qualified
-from ..probe.lens import stream_covectors
+from ..probe.lens import norm_scale, stream_covectors
 from .decompose_view import DecompositionTable, plot_decomposition
 
 if TYPE_CHECKING:
@@ -264,12 +264,6 @@ def _capture(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, index: to
 
 # ---- the covectors -------------------------------------------------------------------------------------
 
-def _rms_scale(values: torch.Tensor, eps: float) -> torch.Tensor:
-    """An RMS norm's per-token scale as Gemma3nRMSNorm computes it (``pow(mean(x²) + eps, -0.5)``)."""
-    values = values.float()
-    return torch.pow(values.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-
-
 def _readout_covector(model: Any, saved: dict, direction: torch.Tensor) -> torch.Tensor:
     """``[R=S, S, B, P, D]``: the target on the last stack, readout stream r on stream r (zero elsewhere),
     with the merge's rescale and the final norm's scale frozen."""
@@ -346,7 +340,7 @@ def _layer_backward(layer: Any, saved: dict, i: int, covector: torch.Tensor, act
         "ple_out": dot(covector[:, 1:].sum(1), saved[f"{i}.ple_out"]),
     }
     norm = layer.input_layernorm
-    scale = _rms_scale(saved[f"{i}.active"], norm.eps) * norm.weight.float()   # normed = scale ⊙ active
+    scale = norm_scale(norm, saved[f"{i}.active"])   # normed = scale ⊙ active
     on_predictions = covector.clone()
     on_predictions[:, active_index] += on_x * ((1 + scale) / math.sqrt(2) - 1)
     mixing = saved[f"{i}.predict_coefs"].float() + torch.eye(correct.shape[0], device=correct.device)
@@ -359,7 +353,7 @@ def _heads(layer: Any, saved: dict, i: int, on_x: torch.Tensor) -> torch.Tensor:
     attention, norm = layer.self_attn, layer.post_attention_layernorm
     z = saved[f"{i}.attn_z"]                                                     # [B, P, H, Dh]
     before_norm = attention.o_proj(z.flatten(-2))
-    covector = on_x.sum(0) / math.sqrt(2) * _rms_scale(before_norm, norm.eps) * norm.weight.float()
+    covector = on_x.sum(0) / math.sqrt(2) * norm_scale(norm, before_norm)
     per_head = (covector @ attention.o_proj.weight.float()).unflatten(-1, z.shape[-2:])
     return (per_head * z.float()).sum(-1).permute(2, 0, 1)
 
@@ -392,7 +386,7 @@ def _neuron_splitter(model: Any, inputs: Any, index: torch.Tensor, on_xs: dict[i
             act = model.layers[layer].mlp_act.output.index_select(1, index).save()
         module = module_tree.text_model(model.hf_model).layers[layer]
         norm = module.post_feedforward_layernorm
-        covector = on_xs[layer] * _rms_scale(module.mlp.down_proj(act), norm.eps) * norm.weight.float()
+        covector = on_xs[layer] * norm_scale(norm, module.mlp.down_proj(act))
         per_neuron = (covector @ module.mlp.down_proj.weight.float()) * act.float()      # [B, P, F]
         top = per_neuron.abs().topk(min(k, per_neuron.shape[-1]), dim=-1).indices
         return top.permute(2, 0, 1), per_neuron.gather(-1, top).permute(2, 0, 1)

@@ -35,7 +35,7 @@ from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
 
 from ..checkpoint.module_tree import text_model
-from ..probe.lens import stream_covectors
+from ..probe.lens import norm_scale, stream_covectors
 
 
 @dataclass
@@ -57,17 +57,11 @@ class Frozen:
         return [self.stack_leaf] + [self.mlp_leaf[i] for i in layers] + [self.ple_leaf[i] for i in layers]
 
 
-def rms_scale(x: torch.Tensor, module: Any) -> torch.Tensor:
-    """The norm's per-token scale (``pow(mean(x²) + eps, -0.5)``, times its weight), as Gemma3nRMSNorm forms it."""
-    scale = torch.pow(x.float().pow(2).mean(-1, keepdim=True) + module.eps, -0.5)
-    return scale * module.weight.float() if module.with_scale else scale
-
-
 def _freeze_norm(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
     x = args[0]
     if not x.requires_grad:
         return output
-    scale = rms_scale(x.detach(), module)
+    scale = norm_scale(module, x.detach())
     return output.detach() + ((x - x.detach()).float() * scale).to(output.dtype)
 
 

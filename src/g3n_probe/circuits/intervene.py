@@ -24,10 +24,11 @@ from torch import nn
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
 
 from ..checkpoint.module_tree import text_model
+from ..probe.lens import norm_scale
 from ..sae.replaced import replaced
 from ..sae.transcoders import TranscoderSet, as_transcoder_set
 from .attribute import prompt_ids
-from .freeze import demeaned_logits, logit_covectors, rms_scale
+from .freeze import demeaned_logits, logit_covectors
 
 _PINNED = ("self_attn.q_norm", "self_attn.k_norm", "altup.prediction_coefs", "altup.correction_coefs")
 _UNSCALED = ("post_per_layer_input_norm", "altup.router_norm", "self_attn.q_norm", "self_attn.k_norm")
@@ -76,7 +77,7 @@ def _checked_edits(edits: Any, tset: TranscoderSet, tokens: int) -> dict[tuple[i
 
 def _record(store: dict, key: Any, kind: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     if kind == "scale":
-        store[key] = rms_scale(args[0].detach(), module)
+        store[key] = norm_scale(module, args[0].detach())
     else:
         store[key] = (output if kind == "output" else args[0]).detach().clone()
 

@@ -30,15 +30,21 @@ def stream_magnitudes(language_model: Any, stack: torch.Tensor) -> tuple[torch.T
     return target_magnitude, projections
 
 
+def norm_scale(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """A Gemma 3n RMS norm's per-token factor on ``x`` in float32 — ``pow(mean(x²) + eps, -0.5)``, times its
+    weight when it has one — so that ``norm(x) == x · norm_scale(norm, x)``: the scale an exact linear replay
+    freezes."""
+    scale = torch.pow(x.float().pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)
+    return scale * norm.weight.float() if getattr(norm, "with_scale", True) else scale
+
+
 def stream_covectors(language_model: Any, stack: torch.Tensor, merged: torch.Tensor, u: torch.Tensor
                      ) -> list[torch.Tensor]:
     """The readout, frozen, read backwards: for a covector ``u`` on the final norm's output (``direction @
     W_U``), one float32 covector per stream of ``stack`` (``[S, ..., D]``, the last layer's output), with the
     final norm's scale frozen at ``merged`` (its input) and each stream's magnitude rescale frozen at ``stack``.
     ``u`` broadcasts against ``merged`` (``[..., D]``)."""
-    norm = language_model.norm
-    scale = torch.pow(merged.float().pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)   # as Gemma3nRMSNorm forms it
-    g = u * scale * norm.weight.float()                                                  # on the merged hidden
+    g = u * norm_scale(language_model.norm, merged)                                      # on the merged hidden
     streams = stack.shape[0]
     target_magnitude, projections = stream_magnitudes(language_model, stack)
     covectors = [g / streams]
